@@ -1,0 +1,151 @@
+"""Base configuration: a validated dataclass with dict / JSON / YAML round trips.
+
+Every model config subclasses :class:`BaseConfig`.  Validation happens in ``__post_init__`` and
+raises ``ValueError`` naming the argument, the offending value and the rule, so a bad config fails
+where it is written rather than deep inside a forward pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import yaml
+
+C = TypeVar("C", bound="BaseConfig")
+
+
+def config_error(name: str, value: Any, rule: str) -> ValueError:
+    """The one error format used across hierseq: argument, value, rule."""
+    return ValueError(f"{name}={value!r}: {rule}")
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise config_error(name, value, "must be a positive integer")
+
+
+def check_nonneg_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise config_error(name, value, "must be a non-negative integer")
+
+
+def check_probability(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise config_error(name, value, "must be a float in [0, 1)")
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise config_error(name, value, "must be a positive number")
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise config_error(name, value, f"must be one of {list(choices)}")
+
+
+def check_divisible(name: str, value: int, by_name: str, by: int) -> None:
+    if value % by != 0:
+        raise config_error(name, value, f"must be divisible by {by_name}={by}")
+
+
+@dataclasses.dataclass
+class BaseConfig:
+    """Shared fields (contract): ``vocab_size``, ``d_model``, ``n_layers``, ``dropout``.
+
+    Subclasses add ``n_heads`` / ``max_seq_len`` where the model has them, then their own fields,
+    and extend :meth:`validate` (calling ``super().validate()``).
+    """
+
+    #: registry name of the model this config builds; set by ``@register``.
+    model_type: ClassVar[str] = ""
+
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        check_positive_int("vocab_size", self.vocab_size)
+        check_positive_int("d_model", self.d_model)
+        check_positive_int("n_layers", self.n_layers)
+        check_probability("dropout", self.dropout)
+
+    # ------------------------------------------------------------------ dict / JSON / YAML
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {"model_type": self.model_type, **out}
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        data = dict(data)
+        model_type = data.pop("model_type", cls.model_type)
+        if cls.model_type and model_type != cls.model_type:
+            raise config_error("model_type", model_type, f"this config is for {cls.model_type!r}")
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise config_error(
+                unknown[0], data[unknown[0]],
+                f"unknown field for {cls.__name__}; known fields: {cls.field_names()}",
+            )
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in data:
+                value = data[f.name]
+                # JSON has no tuples; restore them where the default is a tuple.
+                default = f.default if f.default is not dataclasses.MISSING else None
+                if isinstance(default, tuple) and isinstance(value, list):
+                    value = tuple(value)
+                kwargs[f.name] = value
+        return cls(**kwargs)
+
+    def replace(self: C, **overrides: Any) -> C:
+        unknown = sorted(set(overrides) - set(self.field_names()))
+        if unknown:
+            raise config_error(
+                unknown[0], overrides[unknown[0]],
+                f"unknown field for {type(self).__name__}; known fields: {self.field_names()}",
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls: type[C], source: str | Path) -> C:
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        return cls.from_dict(json.loads(text))
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_yaml(cls: type[C], source: str | Path) -> C:
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise config_error("yaml", type(data).__name__, "top level must be a mapping")
+        return cls.from_dict(data)
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    s = str(source)
+    return "\n" not in s and not s.lstrip().startswith(("{", "[")) and Path(s).exists()

@@ -1,0 +1,1 @@
+"""Shared building blocks. Nothing here imports from ``hierseq.models``."""

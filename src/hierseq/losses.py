@@ -1,0 +1,23 @@
+"""Losses. Causal LM labels are already next-token aligned (the data loaders shift once)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy in nats. logits: [B, L, V]; labels: [B, L] with -100 ignored."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def shift_for_next_token(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one place hierseq shifts: tokens [B, L+1] -> (input_ids [B, L], labels [B, L])."""
+    return tokens[:, :-1], tokens[:, 1:]
+
+
+def nats_to_bits(loss_nats: float) -> float:
+    """Per-token loss in nats -> bits (bits per byte for the byte tokenizer)."""
+    return loss_nats / math.log(2)

@@ -1,0 +1,3 @@
+"""Every architecture; importing this package registers them all."""
+
+from . import transformer  # noqa: F401
