@@ -77,6 +77,12 @@ class BaseConfig:
         check_positive_int("n_layers", self.n_layers)
         check_probability("dropout", self.dropout)
 
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        """Overrides giving a tiny but representative model: used by the conformance suite and smoke
+        tests. Models with more structure (heads, chunks, levels) extend this."""
+        return {"d_model": 32, "n_layers": 2}
+
     # ------------------------------------------------------------------ dict / JSON / YAML
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -31,6 +31,10 @@ class TransformerConfig(BaseConfig):
     tie_embeddings: bool = True
     init_std: float = 0.02
 
+    @classmethod
+    def small_overrides(cls) -> dict:
+        return {**super().small_overrides(), "n_heads": 2}
+
     def validate(self) -> None:
         super().validate()
         check_positive_int("n_heads", self.n_heads)
