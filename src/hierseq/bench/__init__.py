@@ -1,0 +1,1 @@
+"""Benchmarks: they write JSON + Markdown + PNG under ``runs/``; they are not tests."""

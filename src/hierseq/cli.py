@@ -1,0 +1,281 @@
+"""The ``hierseq`` command: list, info, train, eval, generate, demo, bench.
+
+Bad input (unknown model, bad override, missing path, invalid value) ends in a one-line
+``hierseq: error: ...`` on stderr and a non-zero exit code; set HIERSEQ_DEBUG=1 for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXIT_USAGE = 2
+
+
+def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``["lr=3e-4", "model.d_model=128"]`` -> (train overrides, model overrides).
+
+    Values are parsed as YAML scalars (numbers, booleans, null, lists); keys prefixed ``model.`` or
+    ``model_config.`` go to the model config."""
+    train: dict[str, Any] = {}
+    model: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: must have the form key=value (e.g. --set lr=3e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ValueError(f"--set {pair!r}: value {raw!r} is not a valid YAML scalar") from None
+        for prefix in ("model.", "model_config."):
+            if key.startswith(prefix):
+                model[key[len(prefix) :]] = value
+                break
+        else:
+            train[key] = value
+    return train, model
+
+
+def _load_yaml_mapping(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config={path!r}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config={path!r}: top level must be a mapping of TrainConfig fields")
+    return data
+
+
+def build_train_config(args: argparse.Namespace):
+    """TrainConfig from (YAML file) <- (--model, --data, --out, --resume flags) <- (--set overrides)."""
+    import hierseq
+    from hierseq.training.trainer import TrainConfig
+
+    data: dict[str, Any] = _load_yaml_mapping(args.config) if args.config else {}
+    data.setdefault("model_config", {})
+    if args.model:
+        data["model"] = args.model
+    if args.data:
+        data["data"] = args.data
+    if args.out:
+        data["out_dir"] = args.out
+    if args.resume:
+        data["resume"] = True
+    train_over, model_over = parse_overrides(args.set or [])
+    data.update(train_over)
+    data["model_config"] = {**(data.get("model_config") or {}), **model_over}
+    cfg = TrainConfig.from_dict(data)
+    # Validate the model part now, so a bad model field fails before any data is loaded.
+    hierseq.build_config(cfg.model, **cfg.model_config)
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise FileNotFoundError(f"data={cfg.data!r}: no such file or directory")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- commands
+def cmd_list(args: argparse.Namespace) -> int:
+    import hierseq
+    from hierseq.registry import get_entry
+
+    for name in hierseq.list_models():
+        print(f"{name:<14} {get_entry(name).kind}")
+    return 0
+
+
+def count_parameters(model) -> int:
+    """Unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import hierseq
+
+    train_over, model_over = parse_overrides(args.set or [])
+    overrides = {**train_over, **model_over}  # in `info` every key is a model field
+    model = hierseq.build_model(args.model, **overrides)
+    entry = hierseq.get_entry(args.model)
+    print(f"model: {args.model} ({entry.kind}, {type(model).__name__})")
+    print(f"parameters: {count_parameters(model):,}")
+    print("config:")
+    print(yaml.safe_dump(model.config.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ").join(["  ", ""]))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hierseq.training.trainer import train
+
+    cfg = build_train_config(args)
+    result = train(cfg)
+    print(
+        f"done: step {result['step']}, val loss {result['val_loss']:.4f} nats, "
+        f"val {result['val_bpb']:.4f} bits/byte, {result['tokens_per_s']:.0f} tokens/s -> {result['out_dir']}"
+    )
+    return 0
+
+
+def _load_model_dir(path: str):
+    import hierseq
+
+    p = Path(path)
+    if (p / "final" / "config.json").is_file():  # a training run directory
+        p = p / "final"
+    elif (p / "checkpoint" / "config.json").is_file():
+        p = p / "checkpoint"
+    return hierseq.load(p)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from hierseq.data.corpora import load_corpus
+    from hierseq.training.trainer import evaluate
+
+    if args.data is not None and not Path(args.data).exists():
+        raise FileNotFoundError(f"data={args.data!r}: no such file or directory")
+    model = _load_model_dir(args.model_dir)
+    corpus = load_corpus(args.data)
+    tokens = getattr(corpus, args.split)
+    result = evaluate(model, tokens, args.seq_len, args.batch_size, args.max_batches)
+    print(f"{args.split}: loss {result['loss']:.4f} nats, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import hierseq
+    from hierseq.data.tokenizer import ByteTokenizer
+
+    model = _load_model_dir(args.model_dir)
+    tok = ByteTokenizer()
+    prompt = tok.encode(args.prompt)
+    if prompt.numel() == 0:
+        raise ValueError("--prompt '': must contain at least one character")
+    print(args.prompt, end="", flush=True)
+    pending: list[int] = []
+
+    def stream(step: int, tokens: torch.Tensor) -> None:
+        # Bytes of one UTF-8 character can arrive over several steps: print only what decodes.
+        pending.append(int(tokens[0]))
+        try:
+            text = bytes(pending).decode("utf-8")
+        except UnicodeDecodeError:
+            if len(pending) < 4:
+                return
+            text = bytes(pending).decode("utf-8", errors="replace")
+        print(text, end="", flush=True)
+        pending.clear()
+
+    hierseq.generate(
+        model, prompt[None], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, callback=stream,
+    )
+    print()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hierseq.demo import run_demo
+
+    run_demo(out_dir=args.out, train_seconds=args.train_seconds)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hierseq.bench.speed import run_speed_bench
+
+    if args.what != "speed":
+        raise ValueError(f"bench={args.what!r}: only 'speed' exists so far")
+    models = args.models.split(",") if args.models else None
+    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    run_speed_bench(out_dir=args.out, models=models, lengths=lengths, repeats=args.repeats,
+                    time_budget_s=args.time_budget, d_model=args.d_model, n_layers=args.n_layers,
+                    batch_size=args.batch_size)
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hierseq", description="Hierarchical sequence models, measured honestly.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("list", help="registered models").set_defaults(func=cmd_list)
+
+    p = sub.add_parser("info", help="parameters and config of a model")
+    p.add_argument("model")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train a causal LM (YAML config + overrides)")
+    p.add_argument("--config", help="YAML file of TrainConfig fields (see configs/)")
+    p.add_argument("--model", help="registered model name (overrides the config)")
+    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
+    p.add_argument("--out", help="output directory (default from config: runs/train)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a TrainConfig field (lr=3e-4) or a model field (model.d_model=128)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="loss and bits per byte of a saved model")
+    p.add_argument("model_dir", help="a hierseq.save directory or a training run directory")
+    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
+    p.add_argument("--split", choices=["train", "val", "test"], default="val")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a saved model")
+    p.add_argument("model_dir")
+    p.add_argument("--prompt", default="It is a truth universally acknowledged")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="train the control on the embedded corpus and report (make demo)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--train-seconds", type=float, default=240.0)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="benchmarks (JSON + Markdown + plot under runs/)")
+    p.add_argument("what", choices=["speed"])
+    p.add_argument("--out", default="runs/bench/speed")
+    p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
+    p.add_argument("--lengths", help="comma-separated sequence lengths (default 512..32768)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--time-budget", type=float, default=60.0, help="seconds per model before stopping it")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+        if os.environ.get("HIERSEQ_DEBUG"):
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"hierseq: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("hierseq: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
