@@ -1,0 +1,185 @@
+"""Text corpora as byte tensors with a fixed train / val / test split.
+
+- ``load_corpus(None)``: the embedded Jane Austen novels, split by novel (:data:`SPLIT`).
+- ``load_corpus("file.txt")``: one text file, split by position 90 / 5 / 5 (contiguous).
+- ``load_corpus("folder/")``: its text files (recursively, sorted by path); with >= 3 files the split is
+  by file (the last files go to test, the ones before them to val), otherwise by position.
+
+Text is kept as raw UTF-8 bytes (``torch.uint8``); the byte tokenizer is the identity on them.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: The embedded corpus split, by novel (file stem in ``data/corpora/``).
+SPLIT: dict[str, list[str]] = {
+    "train": ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"],
+    "val": ["northangerabbey"],
+    "test": ["persuasion"],
+}
+
+#: Joined between documents so a window crossing a boundary sees a paragraph break, not glued words.
+SEPARATOR = b"\n\n"
+
+#: File suffixes read from a user folder.
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+#: Position split of a single text: train / val / test fractions.
+POSITION_FRACTIONS = (0.90, 0.05, 0.05)
+
+CORPORA_DIR = Path(__file__).parent / "corpora"
+
+
+@dataclass
+class Corpus:
+    """A byte corpus. train / val / test: uint8 tensors [N_split] of UTF-8 bytes."""
+
+    name: str
+    train: torch.Tensor
+    val: torch.Tensor
+    test: torch.Tensor
+    description: str
+
+    def split(self, name: str) -> torch.Tensor:
+        """The split called ``name`` ("train", "val" or "test")."""
+        if name not in ("train", "val", "test"):
+            raise ValueError(f"split={name!r}: must be one of ['train', 'val', 'test']")
+        return getattr(self, name)
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def _to_tensor(data: bytes) -> torch.Tensor:
+    """bytes -> owned uint8 tensor [N] (frombuffer on a bytearray avoids a Python-level loop)."""
+    if not data:
+        return torch.zeros(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+@functools.cache
+def _embedded_novel(name: str) -> bytes:
+    """Decompressed bytes of one embedded novel; cached per process (decompressing all six ~0.3 s)."""
+    path = CORPORA_DIR / f"{name}.txt.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"embedded corpus file {str(path)!r} is missing: the package is incomplete")
+    with gzip.open(path, "rb") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=1)
+def _embedded_corpus() -> Corpus:
+    parts = {split: SEPARATOR.join(_embedded_novel(n) for n in names) for split, names in SPLIT.items()}
+    description = (
+        "Jane Austen's six novels (public domain, Project Gutenberg via Debian r-cran-janeaustenr), UTF-8 bytes, "
+        f"split by novel: train={SPLIT['train']}, val={SPLIT['val']}, test={SPLIT['test']}"
+    )
+    return Corpus(
+        name="austen",
+        train=_to_tensor(parts["train"]),
+        val=_to_tensor(parts["val"]),
+        test=_to_tensor(parts["test"]),
+        description=description,
+    )
+
+
+def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpus:
+    """Load a corpus: ``None`` = embedded Austen; a text file; or a folder of text files.
+
+    Every split must hold at least ``min_split_len`` bytes (the trainer passes ``seq_len + 1``, one
+    training window); otherwise a ``ValueError`` names the path, the split and the rule.
+    The embedded corpus is cached per process; the returned tensors must be treated as read-only.
+    """
+    if isinstance(min_split_len, bool) or not isinstance(min_split_len, int) or min_split_len < 1:
+        raise ValueError(f"min_split_len={min_split_len!r}: must be a positive integer")
+    if path is None:
+        corpus = _embedded_corpus()
+    else:
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise FileNotFoundError(f"data={str(path)!r}: no such file or directory")
+        corpus = _load_folder(p) if p.is_dir() else _load_file(p)
+    for split, tokens in corpus.sizes().items():
+        if tokens < min_split_len:
+            raise ValueError(
+                f"data={corpus.name!r}: the {split} split has {tokens} bytes, needs at least {min_split_len} "
+                f"(one window of seq_len + 1); {corpus.description}. Use more text or a shorter seq_len."
+            )
+    return corpus
+
+
+def _split_by_position(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """Contiguous 90 / 5 / 5 split of ``data`` (val and test at the end, as held-out continuations)."""
+    n = len(data)
+    n_train = int(n * POSITION_FRACTIONS[0])
+    n_val = int(n * POSITION_FRACTIONS[1])
+    return data[:n_train], data[n_train : n_train + n_val], data[n_train + n_val :]
+
+
+def _load_file(path: Path) -> Corpus:
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"data={str(path)!r}: the file is empty")
+    train, val, test = _split_by_position(data)
+    return Corpus(
+        name=str(path),
+        train=_to_tensor(train),
+        val=_to_tensor(val),
+        test=_to_tensor(test),
+        description=f"text file {str(path)!r} ({len(data)} bytes), split by position 90/5/5 (contiguous)",
+    )
+
+
+def _list_text_files(folder: Path) -> list[Path]:
+    files = [f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES]
+    # Sort by the path relative to the folder so the split does not depend on where the folder lives.
+    return sorted(files, key=lambda f: f.relative_to(folder).as_posix())
+
+
+def _load_folder(folder: Path) -> Corpus:
+    files = _list_text_files(folder)
+    if not files:
+        raise ValueError(
+            f"data={str(folder)!r}: the folder holds no text files (rule: files ending in "
+            f"{list(TEXT_SUFFIXES)}, searched recursively)"
+        )
+    rel = [f.relative_to(folder).as_posix() for f in files]
+    if len(files) < 3:
+        data = SEPARATOR.join(f.read_bytes() for f in files)
+        train, val, test = _split_by_position(data)
+        description = (
+            f"folder {str(folder)!r}: {len(files)} text file(s) {rel} ({len(data)} bytes) joined and split by "
+            "position 90/5/5 (contiguous), since fewer than 3 files cannot be split by file"
+        )
+    else:
+        # By file: about 5% of the files each to val and test, at least one each; the last files in
+        # sorted order are held out so adding files at the end does not reshuffle the training set.
+        n_hold = max(1, round(0.05 * len(files)))
+        n_train = len(files) - 2 * n_hold
+        if n_train < 1:  # only possible for tiny counts; keep >= 1 training file
+            n_hold, n_train = 1, len(files) - 2
+        groups = {
+            "train": files[:n_train],
+            "val": files[n_train : n_train + n_hold],
+            "test": files[n_train + n_hold :],
+        }
+        joined = {k: SEPARATOR.join(f.read_bytes() for f in v) for k, v in groups.items()}
+        train, val, test = joined["train"], joined["val"], joined["test"]
+        names = {k: [f.relative_to(folder).as_posix() for f in v] for k, v in groups.items()}
+        description = (
+            f"folder {str(folder)!r}: {len(files)} text files split by file (sorted by path; the last files are "
+            f"held out): train={len(names['train'])} files, val={names['val']}, test={names['test']}"
+        )
+    return Corpus(
+        name=str(folder),
+        train=_to_tensor(train),
+        val=_to_tensor(val),
+        test=_to_tensor(test),
+        description=description,
+    )
