@@ -1,0 +1,88 @@
+"""The CLI: bad input ends in a one-line error and a non-zero exit code, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hierseq.cli import main, parse_overrides
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "hierseq.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()
+    assert len(err) == 1, proc.stderr
+    assert err[0].startswith("hierseq: error:"), err[0]
+    assert needle in err[0], err[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_parse_overrides_splits_model_and_train_fields() -> None:
+    train, model = parse_overrides(["lr=3e-4", "model.d_model=64", "model_config.n_heads=2", "data=null"])
+    assert train == {"lr": 3e-4, "data": None}
+    assert model == {"d_model": 64, "n_heads": 2}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["lr"])
+
+
+def test_list_and_info(capsys: pytest.CaptureFixture) -> None:
+    assert main(["list"]) == 0
+    assert "transformer" in capsys.readouterr().out
+    assert main(["info", "transformer", "--set", "d_model=64", "--set", "n_heads=2"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "d_model: 64" in out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["train", "--model", "nosuchmodel", "--set", "max_steps=1"], "nosuchmodel"),
+        (["train", "--set", "lr"], "key=value"),
+        (["train", "--set", "no_such_field=1"], "no_such_field"),
+        (["train", "--set", "model.d_model=-5"], "d_model"),
+        (["train", "--set", "lr=-1"], "lr"),
+        (["train", "--data", "/no/such/path.txt"], "/no/such/path.txt"),
+        (["train", "--config", "/no/such/config.yaml"], "config"),
+        (["info", "nosuchmodel"], "nosuchmodel"),
+        (["info", "transformer", "--set", "n_heads=3"], "n_heads"),
+        (["eval", "/no/such/dir"], "/no/such/dir"),
+        (["generate", "/no/such/dir"], "/no/such/dir"),
+        (["bench", "speed", "--models", "nosuchmodel"], "nosuchmodel"),
+    ],
+)
+def test_bad_input_is_one_line_error(args: list[str], needle: str, tmp_path: Path) -> None:
+    assert_one_line_error(run_cli(*args, cwd=tmp_path), needle)
+
+
+def test_bad_yaml_config_value(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: transformer\nseq_len: zero\n")
+    assert_one_line_error(run_cli("train", "--config", str(cfg), cwd=tmp_path), "seq_len")
+
+
+def test_train_eval_generate_end_to_end(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    out = tmp_path / "run"
+    sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "seq_len=32", "batch_size=4",
+            "max_steps=6", "eval_every=3", "eval_batches=2", "progress=false", "warmup_steps=2"]
+    proc = run_cli("train", "--data", str(text), "--out", str(out), *sum((["--set", s] for s in sets), []))
+    assert proc.returncode == 0, proc.stderr
+    assert "bits/byte" in proc.stdout
+    assert (out / "final" / "model.safetensors").is_file()
+    assert (out / "metrics.jsonl").is_file()
+    proc = run_cli("eval", str(out), "--data", str(text), "--seq-len", "32", "--max-batches", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert "bits/byte" in proc.stdout
+    proc = run_cli("generate", str(out), "--prompt", "the quick", "--max-new-tokens", "20", "--temperature", "0")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("the quick") and len(proc.stdout.rstrip("\n")) >= len("the quick")
