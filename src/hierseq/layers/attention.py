@@ -21,6 +21,16 @@ class KVCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add k, v: [B, H, L, Dh]; return all keys and values so far: [B, H, T + L, Dh]."""
         new_len = self.length + k.shape[2]
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            # Writing in place into the buffer would modify tensors autograd saved in earlier calls, so
+            # backward through several cached calls (e.g. truncated BPTT over segments) would fail; when
+            # gradients flow, grow out of place instead (O(T) copy per call, fine for training segments).
+            if self._k is not None and self.length:
+                k = torch.cat((self._k[:, :, : self.length], k), dim=2)
+                v = torch.cat((self._v[:, :, : self.length], v), dim=2)
+            self._k, self._v = k, v
+            self.length = new_len
+            return k, v
         if self._k is None or new_len > self._k.shape[2]:
             capacity = max(new_len, 2 * (self._k.shape[2] if self._k is not None else 0), 64)
             shape = (k.shape[0], k.shape[1], capacity, k.shape[3])

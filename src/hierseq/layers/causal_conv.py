@@ -1,0 +1,109 @@
+"""Causal depthwise 1-D convolution with a recurrent step API (the short conv in front of Mamba's SSM).
+
+Full-sequence path: left-pad by ``kernel_size - 1`` and run one grouped ``F.conv1d``, so output t sees
+inputs t - kernel_size + 1 .. t only. Generation path: keep the last ``kernel_size - 1`` inputs as the
+state and compute one output per call, which gives exactly the same numbers as the full pass.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+
+
+class CausalDepthwiseConv1d(nn.Module):
+    """Depthwise (one filter per channel) causal convolution. x: [B, L, C] -> [B, L, C].
+
+    Parameters have the shapes of ``nn.Conv1d(C, C, K, groups=C)``: ``weight`` [C, 1, K], ``bias`` [C],
+    so weights can be copied to and from a grouped ``nn.Conv1d`` one to one.
+
+    State: [B, C, K - 1], the last K - 1 inputs in time order (oldest first), zeros before the start.
+    """
+
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True) -> None:
+        super().__init__()
+        _check_positive_int("channels", channels)
+        _check_positive_int("kernel_size", kernel_size)
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
+        self.bias = nn.Parameter(torch.empty(channels)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Same distribution as nn.Conv1d's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = K here.
+        bound = 1.0 / math.sqrt(self.kernel_size)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def state_len(self) -> int:
+        """Number of past inputs the layer remembers: kernel_size - 1."""
+        return self.kernel_size - 1
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+
+    def initial_state(
+        self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """Zero state [batch, C, K - 1] (nothing seen yet); device/dtype default to the weight's."""
+        _check_positive_int("batch", batch)
+        return torch.zeros(
+            batch,
+            self.channels,
+            self.state_len,
+            device=device if device is not None else self.weight.device,
+            dtype=dtype if dtype is not None else self.weight.dtype,
+        )
+
+    def _check_state(self, state: torch.Tensor, batch: int) -> None:
+        expected = (batch, self.channels, self.state_len)
+        if state.dim() != 3 or tuple(state.shape) != expected:
+            raise ValueError(f"state shape {tuple(state.shape)}: expected [B, C, K-1] = {list(expected)}")
+
+    def forward(
+        self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Convolve a whole sequence.
+
+        x: [B, L, C]; state: optional [B, C, K - 1] inputs that precede x (from ``initial_state``, a
+        previous ``forward(..., return_state=True)`` or ``step``); None means zeros.
+        Returns y: [B, L, C], and with ``return_state`` also the new state [B, C, K - 1] (the last K - 1
+        inputs, including those from ``state`` when L < K - 1) to continue with ``step`` or ``forward``.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.channels:
+            raise ValueError(f"x shape {tuple(x.shape)}: expected [B, L, C] with C={self.channels}")
+        x_ch_first = x.transpose(1, 2)  # [B, C, L]: conv1d wants channels before time
+        if state is None:
+            padded = F.pad(x_ch_first, (self.state_len, 0))
+        else:
+            self._check_state(state, x.shape[0])
+            padded = torch.cat((state.to(x.dtype), x_ch_first), dim=-1)
+        y = F.conv1d(padded, self.weight, self.bias, groups=self.channels).transpose(1, 2)
+        if not return_state:
+            return y
+        # Slice by start index, not by -state_len: for K = 1, [-0:] would keep everything.
+        new_state = padded[..., padded.shape[-1] - self.state_len :]
+        return y, new_state
+
+    def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One generation step. x_t: [B, C], state: [B, C, K - 1] -> (y_t [B, C], new state [B, C, K - 1])."""
+        if x_t.dim() != 2 or x_t.shape[-1] != self.channels:
+            raise ValueError(f"x_t shape {tuple(x_t.shape)}: expected [B, C] with C={self.channels}")
+        self._check_state(state, x_t.shape[0])
+        window = torch.cat((state.to(x_t.dtype), x_t.unsqueeze(-1)), dim=-1)  # [B, C, K], oldest first
+        # conv1d is a cross-correlation: y_t = sum_k weight[c, 0, k] * window[c, k].
+        y_t = (window * self.weight.squeeze(1)).sum(-1)
+        if self.bias is not None:
+            y_t = y_t + self.bias
+        return y_t, window[..., 1:]

@@ -1,0 +1,152 @@
+"""CausalDepthwiseConv1d: definition, causality, and step / prefill state equal to the full pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from hierseq.layers.causal_conv import CausalDepthwiseConv1d
+
+ATOL = 1e-6
+
+
+def make_layer_and_input(channels=5, kernel_size=4, length=12, batch=2, bias=True, seed=0):
+    torch.manual_seed(seed)
+    layer = CausalDepthwiseConv1d(channels, kernel_size, bias=bias)
+    x = torch.randn(batch, length, channels)
+    return layer, x
+
+
+def hand_conv(layer: CausalDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+    """y[b, t, c] = bias[c] + sum_k weight[c, 0, k] * x[b, t - (K - 1) + k, c], zero before t = 0."""
+    batch, length, channels = x.shape
+    kernel = layer.kernel_size
+    y = torch.zeros_like(x)
+    for t in range(length):
+        for k in range(kernel):
+            source = t - (kernel - 1) + k
+            if source >= 0:
+                y[:, t] += layer.weight[:, 0, k] * x[:, source]
+    if layer.bias is not None:
+        y += layer.bias
+    return y
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+@pytest.mark.parametrize("bias", [True, False])
+def test_forward_matches_hand_definition(kernel_size, bias):
+    layer, x = make_layer_and_input(kernel_size=kernel_size, bias=bias)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.shape == x.shape
+        torch.testing.assert_close(y, hand_conv(layer, x), atol=ATOL, rtol=0)
+
+
+def test_matches_nn_conv1d_with_left_padding_and_shares_its_parameter_shapes():
+    layer, x = make_layer_and_input(channels=6, kernel_size=3)
+    reference = nn.Conv1d(6, 6, 3, groups=6, padding=2)
+    reference.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        # Symmetric padding then dropping the last K - 1 outputs is the usual causal conv.
+        expected = reference(x.transpose(1, 2))[..., : x.shape[1]].transpose(1, 2)
+        torch.testing.assert_close(layer(x), expected, atol=ATOL, rtol=0)
+
+
+def test_causal_perturbing_t_leaves_earlier_outputs_unchanged():
+    layer, x = make_layer_and_input(kernel_size=4, length=16)
+    t = 9
+    perturbed = x.clone()
+    perturbed[:, t] += 10.0
+    with torch.no_grad():
+        y, y_perturbed = layer(x), layer(perturbed)
+    torch.testing.assert_close(y_perturbed[:, :t], y[:, :t], atol=0, rtol=0)
+    # Outputs t .. t + K - 1 see the change, later ones do not.
+    assert (y_perturbed[:, t : t + 4] - y[:, t : t + 4]).abs().amax(dim=(0, 2)).min() > 1e-3
+    torch.testing.assert_close(y_perturbed[:, t + 4 :], y[:, t + 4 :], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+def test_step_by_step_equals_full_forward(kernel_size):
+    layer, x = make_layer_and_input(kernel_size=kernel_size, length=10)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.initial_state(x.shape[0])
+        assert state.shape == (2, 5, kernel_size - 1)
+        assert not state.any()
+        outputs = []
+        for t in range(x.shape[1]):
+            y_t, state = layer.step(x[:, t], state)
+            assert y_t.shape == (2, 5)
+            outputs.append(y_t)
+    torch.testing.assert_close(torch.stack(outputs, dim=1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("prefill_len", [1, 2, 3, 7])
+def test_prefill_state_then_steps_equals_full_forward(prefill_len):
+    # prefill_len < K - 1 = 3 exercises the zero-padded state.
+    layer, x = make_layer_and_input(kernel_size=4, length=11)
+    with torch.no_grad():
+        full = layer(x)
+        prefill_out, state = layer(x[:, :prefill_len], return_state=True)
+        outputs = [prefill_out]
+        for t in range(prefill_len, x.shape[1]):
+            y_t, state = layer.step(x[:, t], state)
+            outputs.append(y_t.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(outputs, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_returned_state_is_last_inputs_zero_padded():
+    layer, x = make_layer_and_input(channels=3, kernel_size=4, length=2, batch=1)
+    with torch.no_grad():
+        _, state = layer(x, return_state=True)
+    expected = torch.cat((torch.zeros(1, 3, 1), x.transpose(1, 2)), dim=-1)
+    torch.testing.assert_close(state, expected, atol=0, rtol=0)
+    layer_k1, x1 = make_layer_and_input(kernel_size=1, length=5)
+    _, state_k1 = layer_k1(x1, return_state=True)
+    assert state_k1.shape == (2, 5, 0)
+
+
+def test_chunked_forward_with_state_equals_full_forward():
+    layer, x = make_layer_and_input(kernel_size=4, length=20)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.initial_state(x.shape[0])
+        pieces = []
+        for start, stop in ((0, 5), (5, 6), (6, 14), (14, 20)):
+            y, state = layer(x[:, start:stop], state=state, return_state=True)
+            pieces.append(y)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
+
+
+def test_gradients_flow_to_input_and_parameters():
+    layer, x = make_layer_and_input(kernel_size=3, length=6)
+    x.requires_grad_(True)
+    layer(x)[:, 2].sum().backward()
+    # Output 2 depends on inputs 0..2 only.
+    assert x.grad[:, :3].abs().sum() > 0
+    assert not x.grad[:, 3:].any()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(layer.bias.grad, torch.full((5,), 2.0))
+
+
+def test_bad_arguments_raise_value_error():
+    with pytest.raises(ValueError, match="channels=0"):
+        CausalDepthwiseConv1d(0, 3)
+    with pytest.raises(ValueError, match="kernel_size=0"):
+        CausalDepthwiseConv1d(4, 0)
+    with pytest.raises(ValueError, match="kernel_size=2.5"):
+        CausalDepthwiseConv1d(4, 2.5)
+    with pytest.raises(ValueError, match="channels=True"):
+        CausalDepthwiseConv1d(True, 3)
+    layer = CausalDepthwiseConv1d(4, 3)
+    with pytest.raises(ValueError, match="x shape"):
+        layer(torch.zeros(2, 5, 3))
+    with pytest.raises(ValueError, match="x shape"):
+        layer(torch.zeros(5, 4))
+    with pytest.raises(ValueError, match="state shape"):
+        layer(torch.zeros(2, 5, 4), state=torch.zeros(2, 4, 3))
+    with pytest.raises(ValueError, match="x_t shape"):
+        layer.step(torch.zeros(2, 3), layer.initial_state(2))
+    with pytest.raises(ValueError, match="state shape"):
+        layer.step(torch.zeros(2, 4), layer.initial_state(3))
