@@ -73,8 +73,18 @@ def test_train_eval_generate_end_to_end(tmp_path: Path) -> None:
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     out = tmp_path / "run"
-    sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "seq_len=32", "batch_size=4",
-            "max_steps=6", "eval_every=3", "eval_batches=2", "progress=false", "warmup_steps=2"]
+    sets = [
+        "model.d_model=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "seq_len=32",
+        "batch_size=4",
+        "max_steps=6",
+        "eval_every=3",
+        "eval_batches=2",
+        "progress=false",
+        "warmup_steps=2",
+    ]
     proc = run_cli("train", "--data", str(text), "--out", str(out), *sum((["--set", s] for s in sets), []))
     assert proc.returncode == 0, proc.stderr
     assert "bits/byte" in proc.stdout

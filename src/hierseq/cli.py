@@ -33,6 +33,12 @@ def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ValueError(f"--set {pair!r}: value {raw!r} is not a valid YAML scalar") from None
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-4" (no dot) as a string; researchers mean a number.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         for prefix in ("model.", "model_config."):
             if key.startswith(prefix):
                 model[key[len(prefix) :]] = value
@@ -174,8 +180,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         pending.clear()
 
     hierseq.generate(
-        model, prompt[None], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, callback=stream,
+        model,
+        prompt[None],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        callback=stream,
     )
     print()
     return 0
@@ -195,9 +207,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"bench={args.what!r}: only 'speed' exists so far")
     models = args.models.split(",") if args.models else None
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
-    run_speed_bench(out_dir=args.out, models=models, lengths=lengths, repeats=args.repeats,
-                    time_budget_s=args.time_budget, d_model=args.d_model, n_layers=args.n_layers,
-                    batch_size=args.batch_size)
+    run_speed_bench(
+        out_dir=args.out,
+        models=models,
+        lengths=lengths,
+        repeats=args.repeats,
+        time_budget_s=args.time_budget,
+        d_model=args.d_model,
+        n_layers=args.n_layers,
+        batch_size=args.batch_size,
+    )
     return 0
 
 
@@ -219,8 +238,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
     p.add_argument("--out", help="output directory (default from config: runs/train)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a TrainConfig field (lr=3e-4) or a model field (model.d_model=128)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a TrainConfig field (lr=3e-4) or a model field (model.d_model=128)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="loss and bits per byte of a saved model")

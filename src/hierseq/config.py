@@ -101,7 +101,8 @@ class BaseConfig:
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise config_error(
-                unknown[0], data[unknown[0]],
+                unknown[0],
+                data[unknown[0]],
                 f"unknown field for {cls.__name__}; known fields: {cls.field_names()}",
             )
         kwargs = {}
@@ -119,7 +120,8 @@ class BaseConfig:
         unknown = sorted(set(overrides) - set(self.field_names()))
         if unknown:
             raise config_error(
-                unknown[0], overrides[unknown[0]],
+                unknown[0],
+                overrides[unknown[0]],
                 f"unknown field for {type(self).__name__}; known fields: {self.field_names()}",
             )
         return dataclasses.replace(self, **overrides)

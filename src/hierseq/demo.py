@@ -75,7 +75,7 @@ def run_demo(out_dir: str = "runs/demo", train_seconds: float = 240.0, seed: int
         f"| transformer | {summary['n_params']:,} | {summary['steps']} | {summary['tokens_per_s']:.0f} "
         f"| {summary['val_bpb']:.3f} | {summary['test_bpb']:.3f} |",
         "",
-        f"Metrics: `transformer/metrics.jsonl`." + (f" Learning curve: ![loss]({plot})" if plot else ""),
+        "Metrics: `transformer/metrics.jsonl`." + (f" Learning curve: ![loss]({plot})" if plot else ""),
         "",
         "## Sample (temperature 0.8, top-p 0.95)",
         "",
@@ -85,7 +85,9 @@ def run_demo(out_dir: str = "runs/demo", train_seconds: float = 240.0, seed: int
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
-    print(f"[demo] val {summary['val_bpb']:.3f} bits/byte, test {summary['test_bpb']:.3f} bits/byte, "
-          f"{summary['tokens_per_s']:.0f} tokens/s; report: {out / 'report.md'}")
+    print(
+        f"[demo] val {summary['val_bpb']:.3f} bits/byte, test {summary['test_bpb']:.3f} bits/byte, "
+        f"{summary['tokens_per_s']:.0f} tokens/s; report: {out / 'report.md'}"
+    )
     print(f"[demo] sample:\n{sample}")
     return summary

@@ -6,8 +6,9 @@ benchmarks, the CLI and the conformance suite only ever reach models through thi
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -83,13 +84,11 @@ def build_model(name: str, config: BaseConfig | None = None, **overrides: Any) -
         config = build_config(name, **overrides)
     else:
         if not isinstance(config, entry.config_cls):
-            raise ValueError(
-                f"config={type(config).__name__}: model {name!r} needs a {entry.config_cls.__name__}"
-            )
+            raise ValueError(f"config={type(config).__name__}: model {name!r} needs a {entry.config_cls.__name__}")
         if overrides:
             config = config.replace(**overrides)
     return entry.model_cls(config)
 
 
 def model_kind(model: nn.Module) -> str:
-    return getattr(model, "model_kind")
+    return model.model_kind

@@ -161,9 +161,7 @@ def _add_ratios(results: dict[str, list[dict]]) -> None:
             b = base.get(r["length"])
             if r["status"] == "ok" and b:
                 r["forward_backward_ratio_vs_transformer"] = r["forward_backward_s"] / b["forward_backward_s"]
-                r["memory_ratio_vs_transformer"] = (
-                    r["peak_mem_mb"] / b["peak_mem_mb"] if b["peak_mem_mb"] > 0 else None
-                )
+                r["memory_ratio_vs_transformer"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b["peak_mem_mb"] > 0 else None
 
 
 def _markdown(report: dict) -> str:

@@ -17,9 +17,7 @@ def sinusoidal_table(positions: torch.Tensor, dim: int, base: float = 10000.0) -
     if dim % 2 != 0:
         raise ValueError(f"dim={dim}: sinusoidal encoding needs an even dimension")
     half = dim // 2
-    inv_freq = torch.exp(
-        -math.log(base) * torch.arange(half, device=positions.device, dtype=torch.float32) / half
-    )
+    inv_freq = torch.exp(-math.log(base) * torch.arange(half, device=positions.device, dtype=torch.float32) / half)
     angles = positions.float().unsqueeze(-1) * inv_freq  # [..., half]
     table = torch.stack((angles.sin(), angles.cos()), dim=-1)  # [..., half, 2]
     return table.flatten(-2)
@@ -71,9 +69,7 @@ class RotaryEmbedding(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((-x2, x1), dim=-1)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, offset: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         length = q.shape[-2]
         cos, sin = self._table(offset + length, q.device)
         cos = cos[offset : offset + length].to(q.dtype)

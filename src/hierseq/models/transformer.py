@@ -100,10 +100,11 @@ class TransformerLM(nn.Module):
 
     def reset_parameters(self) -> None:
         std = self.config.init_std
+        residual_out = ("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight")
         for name, p in self.named_parameters():
             if p.dim() >= 2:
                 # GPT-2 style: residual-output projections scaled down by depth.
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight")) else 1.0
+                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(residual_out) else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
