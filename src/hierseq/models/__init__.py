@@ -1,3 +1,4 @@
 """Every architecture; importing this package registers them all."""
 
 from . import transformer  # noqa: F401
+from . import mamba  # noqa: F401
