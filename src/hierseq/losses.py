@@ -9,8 +9,11 @@ import torch.nn.functional as F
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy in nats. logits: [B, L, V]; labels: [B, L] with -100 ignored."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+    """Mean cross-entropy in nats over the labelled positions. logits: [B, L, V]; labels: [B, L] with -100
+    ignored. A batch with no labelled position gives 0 (not NaN), so fully padded batches cannot poison
+    training."""
+    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return total / (labels != -100).sum().clamp(min=1)
 
 
 def shift_for_next_token(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
