@@ -2,3 +2,5 @@
 
 from . import transformer  # noqa: F401
 from . import mamba  # noqa: F401
+from . import tree  # noqa: F401
+from . import hiss  # noqa: F401
