@@ -1,0 +1,106 @@
+"""Helpers for the trainer tests: tiny configs and test-only models registered for one test.
+
+Test models are removed from the registry when the test ends, so other test files never see them in
+``hierseq.list_models()``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+import hierseq
+from hierseq import registry
+from hierseq.config import BaseConfig
+from hierseq.losses import causal_lm_loss
+from hierseq.outputs import CausalLMOutput
+from hierseq.training import TrainConfig
+
+
+def tiny_config(out_dir, **overrides) -> TrainConfig:
+    """A seconds-long run of the smallest transformer on the embedded corpus."""
+    base = dict(
+        model="transformer",
+        model_config=hierseq.get_entry("transformer").config_cls.small_overrides(),
+        seq_len=32,
+        batch_size=4,
+        max_steps=6,
+        warmup_steps=2,
+        eval_every=0,
+        eval_batches=2,
+        log_every=1,
+        save_every=0,
+        out_dir=str(out_dir),
+        progress=False,
+    )
+    base.update(overrides)
+    return TrainConfig(**base)
+
+
+# ----------------------------------------------------------------------------------- test-only models
+@dataclass
+class TinyRNNConfig(BaseConfig):
+    d_model: int = 8
+    n_layers: int = 1
+    nan_at_call: int = 0  # > 0: the n-th training forward returns a NaN loss
+
+
+class TinyRNNCache:
+    """Hidden state [1, B, D] and how many tokens it has summarised."""
+
+    def __init__(self, h: torch.Tensor, tokens_seen: int) -> None:
+        self.h, self.tokens_seen = h, tokens_seen
+
+    def detach(self) -> TinyRNNCache:
+        return TinyRNNCache(self.h.detach(), self.tokens_seen)
+
+
+class TinyRNN(nn.Module):
+    """Embedding -> GRU -> head. Records, for every training forward, what cache it was given."""
+
+    calls: list[dict] = []  # class-level so a test can read it although train() builds the model
+
+    def __init__(self, config: TinyRNNConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.rnn = nn.GRU(config.d_model, config.d_model, batch_first=True)
+        self.head = nn.Linear(config.d_model, config.vocab_size)
+        self.n_train_calls = 0
+
+    def forward(self, input_ids, labels=None, cache=None, use_cache=False):
+        if self.training:
+            self.n_train_calls += 1
+            TinyRNN.calls.append(
+                {
+                    "tokens_seen": None if cache is None else cache.tokens_seen,
+                    "h_has_graph": None if cache is None else cache.h.grad_fn is not None,
+                    "first_token": input_ids[:, 0].tolist(),
+                }
+            )
+        h0 = None if cache is None else cache.h
+        out, h = self.rnn(self.embed(input_ids), h0)
+        logits = self.head(out)
+        loss = lm = None
+        if labels is not None:
+            lm = causal_lm_loss(logits, labels)
+            if self.training and self.n_train_calls == self.config.nan_at_call:
+                lm = lm * float("nan")
+            loss = lm
+        seen = (0 if cache is None else cache.tokens_seen) + input_ids.shape[1]
+        new_cache = TinyRNNCache(h, seen) if use_cache else None
+        return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm, aux_loss=logits.new_zeros(()), cache=new_cache)
+
+
+@pytest.fixture
+def tiny_rnn():
+    """Registers ``TinyRNN`` as "test_tiny_rnn" for one test and removes it afterwards."""
+    name = "test_tiny_rnn"
+    hierseq.register(name, config=TinyRNNConfig)(TinyRNN)
+    TinyRNN.calls.clear()
+    yield name
+    registry._REGISTRY.pop(name, None)
+    TinyRNN.calls.clear()
