@@ -1,0 +1,216 @@
+"""Synthetic continuous sequence-to-sequence tasks shaped like CSP-Bench, generated offline from a seed.
+
+High-rate multichannel sensor input (50 Hz), one low-rate target per chunk of ``chunk_size`` steps
+(5 Hz for C = 10) that depends on the whole history. Target k is the true value at the last step of
+chunk k, i.e. at input step (k + 1) * C - 1, so a model that has seen inputs up to the end of chunk k
+has everything it needs and nothing more.
+
+* ``imu_integration``: a planar vehicle driven by random smooth thrust and yaw rate, with drag. Input:
+  body-frame accelerometer (2 axes) and gyroscope (yaw rate), with white noise and a small constant
+  per-sequence bias. Target: world-frame displacement from the start and world-frame velocity
+  [px, py, vx, vy] - integrating rotated accelerations twice, so every past step matters.
+* ``hidden_dynamics``: a forced Duffing oscillator p'' = -delta p' - alpha p - beta p^3 + u with
+  per-sequence random (unobserved) parameters. Input: noisy nonlinear position sensors tanh(p),
+  sin(2p) and the noisy forcing u. Target: the hidden state [p, v].
+
+Every task returns a :class:`SignalTask` of float32 numpy arrays; nothing touches the network or disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import check_positive_int, config_error
+
+SAMPLE_RATE_HZ = 50.0
+DT = 1.0 / SAMPLE_RATE_HZ
+
+
+@dataclass
+class SignalTask:
+    """x: [N, T, D_in] inputs; y: [N, T // C, D_out] targets; mask: [N, T // C] bool (True = labelled)."""
+
+    name: str
+    x: np.ndarray
+    y: np.ndarray
+    mask: np.ndarray
+    chunk_size: int
+    input_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+
+    @property
+    def d_in(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def d_out(self) -> int:
+        return self.y.shape[-1]
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def subset(self, index: np.ndarray | slice) -> SignalTask:
+        """The sequences selected by ``index`` (a new task sharing nothing mutable with this one)."""
+        return SignalTask(
+            self.name,
+            self.x[index].copy(),
+            self.y[index].copy(),
+            self.mask[index].copy(),
+            self.chunk_size,
+            self.input_names,
+            self.target_names,
+        )
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], corr: float, scale: float) -> np.ndarray:
+    """Stationary AR(1) noise along axis 1 with per-step correlation ``corr`` and marginal std ``scale``.
+    shape: [N, T, ...]. Vectorised over sequences; the loop is over time in data generation only."""
+    out = np.empty(shape)
+    innovation = rng.standard_normal(shape) * scale * np.sqrt(1 - corr**2)
+    out[:, 0] = rng.standard_normal((shape[0], *shape[2:])) * scale
+    for t in range(1, shape[1]):
+        out[:, t] = corr * out[:, t - 1] + innovation[:, t]
+    return out
+
+
+def _chunk_targets(states: np.ndarray, chunk_size: int) -> np.ndarray:
+    """states: [N, T, D] -> the values at the last step of every full chunk: [N, T // C, D]."""
+    n = states.shape[1] // chunk_size
+    return states[:, chunk_size - 1 : n * chunk_size : chunk_size]
+
+
+def _label_mask(rng: np.random.Generator, n_seq: int, n_targets: int, label_dropout: float) -> np.ndarray:
+    mask = rng.random((n_seq, n_targets)) >= label_dropout
+    mask[:, -1] = True  # every sequence keeps at least one label
+    return mask
+
+
+def _check_common(n_sequences: int, length: int, chunk_size: int, noise: float, label_dropout: float) -> None:
+    check_positive_int("n_sequences", n_sequences)
+    check_positive_int("length", length)
+    check_positive_int("chunk_size", chunk_size)
+    if length < chunk_size:
+        raise config_error("length", length, f"must be >= chunk_size={chunk_size} (at least one target)")
+    if not noise >= 0:
+        raise config_error("noise", noise, "must be >= 0")
+    if not 0 <= label_dropout < 1:
+        raise config_error("label_dropout", label_dropout, "must be in [0, 1)")
+
+
+def make_imu_integration(
+    n_sequences: int,
+    length: int = 500,
+    chunk_size: int = 10,
+    seed: int = 0,
+    noise: float = 0.05,
+    label_dropout: float = 0.0,
+) -> SignalTask:
+    """Dead reckoning from a noisy planar IMU. x: [N, T, 3] (acc_fwd, acc_lat, gyro_z);
+    y: [N, T // C, 4] (px, py, vx, vy) in metres and m/s, world frame, from the start pose."""
+    _check_common(n_sequences, length, chunk_size, noise, label_dropout)
+    rng = np.random.default_rng(seed)
+    thrust = _smooth_noise(rng, (n_sequences, length, 2), corr=0.97, scale=1.0)  # body frame, m/s^2
+    thrust[..., 0] += 0.3  # a tendency to drive forwards
+    yaw_rate = _smooth_noise(rng, (n_sequences, length), corr=0.98, scale=0.6)  # rad/s
+    drag = rng.uniform(0.2, 0.6, size=(n_sequences, 1))  # 1/s, unobserved
+    heading = np.cumsum(yaw_rate, axis=1) * DT
+    cos, sin = np.cos(heading), np.sin(heading)
+    world_thrust = np.stack(
+        (cos * thrust[..., 0] - sin * thrust[..., 1], sin * thrust[..., 0] + cos * thrust[..., 1]), axis=-1
+    )
+    velocity = np.zeros((n_sequences, length, 2))
+    v = np.zeros((n_sequences, 2))
+    for t in range(length):
+        v = v + (world_thrust[:, t] - drag * v) * DT
+        velocity[:, t] = v
+    accel_world = np.diff(velocity, axis=1, prepend=0.0) / DT  # what an ideal accelerometer measures
+    accel_body = np.stack(
+        (cos * accel_world[..., 0] + sin * accel_world[..., 1], -sin * accel_world[..., 0] + cos * accel_world[..., 1]),
+        axis=-1,
+    )
+    position = np.cumsum(velocity, axis=1) * DT
+    bias = rng.normal(0.0, noise * 0.2, size=(n_sequences, 1, 3))
+    sensors = np.concatenate((accel_body, yaw_rate[..., None]), axis=-1)
+    sensors = sensors + bias + rng.normal(0.0, noise, size=sensors.shape)
+    targets = _chunk_targets(np.concatenate((position, velocity), axis=-1), chunk_size)
+    mask = _label_mask(rng, n_sequences, targets.shape[1], label_dropout)
+    return SignalTask(
+        "imu_integration",
+        sensors.astype(np.float32),
+        targets.astype(np.float32),
+        mask,
+        chunk_size,
+        ("acc_fwd", "acc_lat", "gyro_z"),
+        ("px", "py", "vx", "vy"),
+    )
+
+
+def make_hidden_dynamics(
+    n_sequences: int,
+    length: int = 500,
+    chunk_size: int = 10,
+    seed: int = 0,
+    noise: float = 0.05,
+    label_dropout: float = 0.0,
+) -> SignalTask:
+    """A forced Duffing oscillator seen through nonlinear sensors. x: [N, T, 3] (tanh(p), sin(2p), u),
+    noisy; y: [N, T // C, 2] (p, v), the hidden state."""
+    _check_common(n_sequences, length, chunk_size, noise, label_dropout)
+    rng = np.random.default_rng(seed)
+    alpha = rng.uniform(4.0, 16.0, size=n_sequences)  # stiffness: 0.3 - 0.6 Hz natural frequency
+    beta = rng.uniform(0.0, 4.0, size=n_sequences)  # hardening
+    damping = rng.uniform(0.1, 0.6, size=n_sequences)
+    forcing = _smooth_noise(rng, (n_sequences, length), corr=0.95, scale=4.0)
+    p = rng.normal(0.0, 0.5, size=n_sequences)
+    v = rng.normal(0.0, 0.5, size=n_sequences)
+    states = np.zeros((n_sequences, length, 2))
+    substeps = 4  # semi-implicit Euler with 4 sub-steps per sample keeps the stiff cases stable
+    h = DT / substeps
+    for t in range(length):
+        for _ in range(substeps):
+            v = v + h * (-damping * v - alpha * p - beta * p**3 + forcing[:, t])
+            p = p + h * v
+        states[:, t, 0], states[:, t, 1] = p, v
+    sensors = np.stack((np.tanh(states[..., 0]), np.sin(2 * states[..., 0]), forcing), axis=-1)
+    sensors = sensors + rng.normal(0.0, noise, size=sensors.shape) * np.array([1.0, 1.0, 4.0])
+    targets = _chunk_targets(states, chunk_size)
+    mask = _label_mask(rng, n_sequences, targets.shape[1], label_dropout)
+    return SignalTask(
+        "hidden_dynamics",
+        sensors.astype(np.float32),
+        targets.astype(np.float32),
+        mask,
+        chunk_size,
+        ("tanh_p", "sin_2p", "forcing"),
+        ("p", "v"),
+    )
+
+
+SIGNAL_TASKS: dict[str, Callable[..., SignalTask]] = {
+    "imu_integration": make_imu_integration,
+    "hidden_dynamics": make_hidden_dynamics,
+}
+
+
+def make_signal_task(name: str, n_sequences: int, seed: int = 0, **kwargs) -> SignalTask:
+    """Build task ``name`` (see :data:`SIGNAL_TASKS`) with ``n_sequences`` sequences from ``seed``."""
+    if name not in SIGNAL_TASKS:
+        raise config_error("task", name, f"must be one of {sorted(SIGNAL_TASKS)}")
+    return SIGNAL_TASKS[name](n_sequences, seed=seed, **kwargs)
+
+
+def make_signal_splits(
+    name: str, n_train: int, n_val: int, n_test: int, seed: int = 0, **kwargs
+) -> tuple[SignalTask, SignalTask, SignalTask]:
+    """Train / validation / test sets of task ``name`` from one seed (disjoint sequences)."""
+    for arg, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+        check_positive_int(arg, value)
+    task = make_signal_task(name, n_train + n_val + n_test, seed=seed, **kwargs)
+    return (
+        task.subset(slice(0, n_train)),
+        task.subset(slice(n_train, n_train + n_val)),
+        task.subset(slice(n_train + n_val, None)),
+    )
