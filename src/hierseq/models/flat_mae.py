@@ -1,0 +1,132 @@
+"""Flat masked autoencoder: the comparison point for HAMA.
+
+A plain MAE (He et al. 2021) on sequences: a fraction ``mask_ratio`` of the positions is chosen at
+random, the encoder (full bidirectional attention over the whole sequence) sees only the visible
+tokens, and the decoder sees the encoded visible tokens back at their positions plus a learned mask
+token at every masked position. Same blocks, width and objectives as HAMA, no hierarchy: attention
+over the whole sequence, so its cost grows quadratically with L.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import BaseConfig, check_choice, check_divisible, check_nonneg_int, check_positive_int, config_error
+from ..layers.norms import make_norm
+from ..outputs import MaskedAEOutput
+from ..registry import register
+from ..validation import check_features, check_input_ids
+from .hama import SinusoidalPositionalEncoding, TransformerStack, masked_reconstruction_loss
+
+
+@dataclass
+class FlatMAEConfig(BaseConfig):
+    vocab_size: int = 256
+    d_model: int = 256
+    n_layers: int = 4  # encoder layers
+    dropout: float = 0.0
+    n_heads: int = 4
+    decoder_layers: int = 4
+    mask_ratio: float = 0.2  # fraction of positions hidden from the encoder (rounded, at least 1 when L > 1)
+    input_type: str = "tokens"  # "tokens" (ids [B, L], CE) or "continuous" ([B, L, d_input], MSE)
+    d_input: int = 0  # continuous feature size; 0 = d_model
+    loss_on: str = "masked"  # "masked" or "all"
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    mask_seed: int = 0  # seed of the fixed mask used in eval mode
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        return {"d_model": 32, "n_layers": 2, "n_heads": 2, "decoder_layers": 1}
+
+    @property
+    def input_dim(self) -> int:
+        return self.d_input or self.d_model
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("n_heads", self.n_heads)
+        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
+        if self.d_model % 2:
+            raise config_error("d_model", self.d_model, "must be even (sinusoidal positions)")
+        check_positive_int("decoder_layers", self.decoder_layers)
+        if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)):
+            raise config_error("mask_ratio", self.mask_ratio, "must be a number in (0, 1)")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise config_error("mask_ratio", self.mask_ratio, "must be a number in (0, 1)")
+        check_choice("input_type", self.input_type, ("tokens", "continuous"))
+        check_nonneg_int("d_input", self.d_input)
+        check_choice("loss_on", self.loss_on, ("masked", "all"))
+        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_nonneg_int("mask_seed", self.mask_seed)
+
+    def n_masked(self, length: int) -> int:
+        """Masked positions in a length-``length`` sequence: round(ratio * L), in [1, L - 1] when L > 1."""
+        if length <= 1:
+            return 0
+        return min(max(round(self.mask_ratio * length), 1), length - 1)
+
+
+@register("flat_mae", config=FlatMAEConfig, kind="masked_ae")
+class FlatMAE(nn.Module):
+    """``forward(x) -> MaskedAEOutput(reconstruction, loss, mask, aux_loss=0)``; x and reconstruction as
+    in :class:`hierseq.models.hama.HAMA` (ids -> logits [B, L, V], or features [B, L, d_input])."""
+
+    def __init__(self, config: FlatMAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        D = config.d_model
+        if config.input_type == "tokens":
+            self.embed: nn.Module = nn.Embedding(config.vocab_size, D)
+            out_dim = config.vocab_size
+        else:
+            self.embed = nn.Linear(config.input_dim, D)
+            out_dim = config.input_dim
+        self.drop = nn.Dropout(config.dropout)
+        self.positional = SinusoidalPositionalEncoding(D)
+        self.encoder = TransformerStack(D, config.n_heads, config.n_layers, config.dropout, config.mlp, config.norm)
+        self.mask_token = nn.Parameter(torch.randn(D) * 0.02)
+        self.decoder = TransformerStack(
+            D, config.n_heads, config.decoder_layers, config.dropout, config.mlp, config.norm
+        )
+        self.head_norm = make_norm(config.norm, D)
+        self.head = nn.Linear(D, out_dim)
+
+    def _check(self, x: Any) -> torch.Tensor:
+        if self.config.input_type == "tokens":
+            return check_input_ids(x, self.config.vocab_size, name="x")
+        return check_features(x, self.config.input_dim, name="x")
+
+    def choose_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """[B, L] bool, True = masked; exactly ``config.n_masked(L)`` per row. Random per row while
+        training; in eval a fixed pattern that depends only on the position (deterministic, and rows
+        stay independent)."""
+        if self.training:
+            noise = torch.rand(batch, length, device=device)
+        else:
+            gen = torch.Generator().manual_seed(self.config.mask_seed)
+            noise = torch.rand(1, length, generator=gen).to(device).expand(batch, length)
+        rank = noise.argsort(dim=1).argsort(dim=1)
+        return rank < self.config.n_masked(length)
+
+    def forward(self, x: torch.Tensor) -> MaskedAEOutput:
+        x = self._check(x)
+        B, L = x.shape[:2]
+        D = self.config.d_model
+        h = self.embed(x) if self.config.input_type == "tokens" else self.embed(x.to(self.head.weight.dtype))
+        h = self.positional(self.drop(h))
+        mask = self.choose_mask(B, L, x.device)
+        # Visible positions in increasing order: every row has the same count, so one gather does it.
+        visible_idx = (~mask).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : L - int(mask[0].sum())]
+        latents = self.encoder(h.gather(1, visible_idx[..., None].expand(-1, -1, D)))
+        # Decoder input: mask token + position everywhere, encoded tokens scattered back at visible slots.
+        queries = self.positional(self.mask_token.expand(B, L, D))
+        full = queries.scatter(1, visible_idx[..., None].expand(-1, -1, D), latents)
+        reconstruction = self.head(self.head_norm(self.decoder(full)))
+        loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)
+        return MaskedAEOutput(reconstruction=reconstruction, loss=loss, mask=mask, aux_loss=loss.new_zeros(()))
