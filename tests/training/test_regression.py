@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -79,3 +80,25 @@ def test_signals_bench_writes_json_and_markdown(tmp_path) -> None:
     assert "| imu_integration | hiss |" in text and "best flat model (lstm)" in text
     with pytest.raises(ValueError, match="models="):
         run_signals_bench(tmp_path, quick=True, models=["s4"])
+
+
+@pytest.mark.parametrize("name", ["hiss_imu.yaml", "hiss_dynamics.yaml"])
+def test_shipped_configs_run(name: str, tmp_path) -> None:
+    import yaml
+
+    from hierseq.training.regression import run_regression_config
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / name).read_text())
+    config["data"].update(n_train=4, n_val=2, n_test=2, length=30)
+    config["train"]["epochs"] = 1
+    config["out_dir"] = str(tmp_path)
+    result = run_regression_config(config)
+    assert result["test_mse"] > 0 and (tmp_path / "result.json").is_file()
+    assert hierseq.load(tmp_path / "model").config.model_type == "hiss"
+
+
+def test_mamba_yaml_is_a_valid_train_config() -> None:
+    from hierseq.training import TrainConfig
+
+    cfg = TrainConfig.from_yaml(Path(__file__).parents[2] / "configs" / "mamba.yaml")
+    assert cfg.model == "mamba" and hierseq.build_config("mamba", **cfg.model_config).d_state == 16
