@@ -376,6 +376,7 @@ class BabyAutoencoder(nn.Module):
             nn.Sequential(make_norm(norm, d_model), nn.Linear(d_model, 1)) if mask_strategy == "learned" else None
         )
         self.encoder = TransformerStack(d_model, n_heads, transformer_layers, dropout, mlp, norm)
+        self.positional = SinusoidalPositionalEncoding(d_model)
         self.decoder = TransformerStack(d_model, n_heads, transformer_layers, dropout, mlp, norm)
 
     # ---------------------------------------------------------------------------------------- masking
@@ -428,7 +429,11 @@ class BabyAutoencoder(nn.Module):
         visible = windows.gather(2, idx[..., None].expand(B, W, geometry.visible, D)) * gate[..., None]
         key_valid = geometry.latent_valid()[None].expand(B, W, geometry.visible).reshape(B * W, -1)
         latents = self.encoder(visible.reshape(B * W, geometry.visible, D), key_valid if geometry.is_ragged() else None)
-        return latents.view(B, W, geometry.visible, D), idx
+        # Stamp every latent with its in-window position again: the decoder's output queries carry the
+        # same encoding, so matching a query to the latent of its own position is easy, and z stays
+        # self-describing (decode needs no mask indices).
+        latents = self.positional(latents.view(B, W, geometry.visible, D), idx)
+        return latents, idx
 
     def decode(self, latents: torch.Tensor, queries: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
         """latents [B, W, V, D], queries [W, P, D] -> [B, W, P, D]."""
