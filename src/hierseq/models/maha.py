@@ -255,6 +255,24 @@ def banded_attention(
     return y.reshape(B, H, n_blocks * w, Dh)[:, :, :M]
 
 
+def causal_source_index(positions: torch.Tensor, stride: int) -> torch.Tensor:
+    """Index of the coarse token base position t may read: the newest one whose whole window
+    [j R, (j + 1) R - 1] has ended by t, i.e. j = floor((t + 1) / R) - 1 (-1: none yet).
+
+    positions: [L] long base positions; stride R = r^s. Returns [L] long."""
+    return (positions + 1) // stride - 1
+
+
+def upsample_causal(table: torch.Tensor, positions: torch.Tensor, stride: int, first: int) -> torch.Tensor:
+    """Causal upsampling of coarse outputs to base positions.
+
+    table: [B, 1 + n, D], row 0 the output of coarse token ``first - 1`` (zeros when first = 0) and rows
+    1.. those of coarse tokens first .. first + n - 1; positions: [L] base positions, all of whose
+    source tokens (:func:`causal_source_index`) lie in first - 1 .. first + n - 1. Returns [B, L, D].
+    """
+    return table[:, causal_source_index(positions, stride) - first + 1]
+
+
 class DilatedConv(nn.Module):
     """Depthwise dilated conv. x: [B, L, D] -> [B, L, D]. Causal: left padding only, with a state
     [B, (k - 1) dilation, D] of previous inputs for decoding; otherwise centred (k odd)."""
@@ -397,20 +415,18 @@ class MultiscaleAttention(nn.Module):
             n_new = x.shape[1]
             out = self._attend(s, x, state, record) if n_new else x  # [B, n_new, D]
             if causal:
-                # Row 0 is the newest output from before this call (zeros if none); base position t
-                # reads coarse token floor((t + 1) / R) - 1, i.e. row floor((t + 1) / R) - counts[s].
+                # Row 0 is the newest output from before this call (zeros if none), then the new ones.
                 previous = state.last_output[s]
                 if previous is None:
                     previous = out.new_zeros(B, 1, D)
                 table = torch.cat((previous, out), dim=1)
-                index = (t + 1) // R - state.counts[s]
-                upsampled.append(table[:, index])
-                available.append((t + 1) // R >= 1)
+                upsampled.append(upsample_causal(table, t, R, state.counts[s]))
+                available.append(causal_source_index(t, R) >= 0)
                 if record:
                     state.last_output[s] = table[:, -1:]
                     state.counts[s] += n_new
             else:
-                upsampled.append(out[:, t // R])
+                upsampled.append(out[:, t // R])  # nearest: the coarse token covering t
                 available.append(torch.ones_like(t, dtype=torch.bool))
         if record:
             state.conv = conv_state
@@ -595,6 +611,8 @@ __all__ = [
     "MAHALM",
     "MAHATransformer",
     "MultiscaleAttention",
+    "upsample_causal",
     "banded_attention",
+    "causal_source_index",
     "extra_parameters_over_standard_block",
 ]
