@@ -561,7 +561,9 @@ class HAMA(nn.Module):
     ``forward(x) -> MaskedAEOutput(reconstruction, loss, mask, aux_loss=0)``:
     x is ids [B, L] (``input_type="tokens"``; reconstruction = logits [B, L, V], loss = cross-entropy)
     or features [B, L, d_input] (``"continuous"``; reconstruction [B, L, d_input], loss = MSE);
-    mask [B, L] bool marks the positions hidden at some layer; the loss covers them (``loss_on``).
+    mask [B, L] bool marks the positions hidden from every encoder (the n_mask_0 dropped per layer-0
+    window); the loss covers them (``loss_on="masked"``) or every position (``"all"``). Higher layers
+    drop further latents (compression); those positions are reconstructed from context.
     ``encode(x) -> z [B, L_K, d_model]``; ``decode(z, length=None) -> [B, L, V or d_input]``;
     ``forward(x).reconstruction == decode(encode(x), L)`` when masking is deterministic (eval).
     """
@@ -637,16 +639,23 @@ class HAMA(nn.Module):
         return self.drop(h)
 
     # ------------------------------------------------------------------------------ encode / decode
-    def _encode(self, h: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor]:
-        """h [B, L, D] -> (z [B, L_K, D], lengths [L_0..L_K], positions in x of the z tokens [B, L_K])."""
+    def _encode(self, h: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+        """h [B, L, D] -> (z [B, L_K, D], lengths [L_0..L_K], mask [B, L], positions [B, L_K]).
+
+        mask: True where the input never reached an encoder (dropped by layer 0). Tokens dropped by a
+        higher layer are not in it: their input was seen (in context) by the layers below.
+        positions: where in x each z token sits."""
         B, L, _ = h.shape
         positions = torch.arange(L, device=h.device).expand(B, L)
         lengths = [L]
+        mask = None
         for block in self.blocks:
             h, kept = block.encode(h)
             positions = positions.gather(1, kept)
             lengths.append(h.shape[1])
-        return h, lengths, positions
+            if mask is None:
+                mask = torch.ones(B, L, dtype=torch.bool, device=h.device).scatter(1, positions, False)
+        return h, lengths, mask, positions
 
     def _decode(self, z: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         h = z
@@ -656,7 +665,7 @@ class HAMA(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L] ids or [B, L, d_input] -> z [B, L_K, d_model] (the kept, encoded tokens)."""
-        z, _, _ = self._encode(self._embed(self._check(x)))
+        z, _, _, _ = self._encode(self._embed(self._check(x)))
         return z
 
     def decode(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -681,10 +690,8 @@ class HAMA(nn.Module):
     # ------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> MaskedAEOutput:
         x = self._check(x)
-        z, lengths, positions = self._encode(self._embed(x))
+        z, lengths, mask, _ = self._encode(self._embed(x))
         reconstruction = self._decode(z, lengths)
-        B, L = x.shape[:2]
-        mask = torch.ones(B, L, dtype=torch.bool, device=x.device).scatter(1, positions, False)
         loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)
         return MaskedAEOutput(reconstruction=reconstruction, loss=loss, mask=mask, aux_loss=loss.new_zeros(()))
 
