@@ -207,6 +207,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"bench={args.what!r}: only 'speed' exists so far")
     models = args.models.split(",") if args.models else None
     lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
+    overrides: dict[str, dict[str, Any]] = {}
+    plain, prefixed = parse_overrides(args.set or [])
+    if prefixed:  # "model.KEY" names no model here
+        raise ValueError(f"--set model.{next(iter(prefixed))}: must have the form MODEL.KEY=VALUE, MODEL a model name")
+    for key, value in plain.items():
+        name, dot, field = key.partition(".")
+        if not dot or not field:
+            raise ValueError(f"--set {key}={value}: must have the form MODEL.KEY=VALUE (e.g. tree.sibling_mode=exact)")
+        overrides.setdefault(name, {})[field] = value
     run_speed_bench(
         out_dir=args.out,
         models=models,
@@ -216,6 +225,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         d_model=args.d_model,
         n_layers=args.n_layers,
         batch_size=args.batch_size,
+        overrides=overrides,
     )
     return 0
 
@@ -280,6 +290,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--set", action="append", metavar="MODEL.KEY=VALUE", help="model config override (tree.sibling_mode=exact)"
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

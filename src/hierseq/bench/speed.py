@@ -92,7 +92,10 @@ def run_speed_bench(
     n_layers: int = 4,
     batch_size: int = 1,
     seed: int = 0,
+    overrides: dict[str, dict] | None = None,
 ) -> dict:
+    """``overrides`` maps a model name to config overrides applied on top of the matched width/depth,
+    e.g. ``{"tree": {"sibling_mode": "exact"}}``."""
     import hierseq
 
     causal = hierseq.list_models(kind="causal_lm")
@@ -102,6 +105,10 @@ def run_speed_bench(
             raise ValueError(f"models={name!r}: not a registered causal LM; choose from {causal}")
     if "transformer" not in models:
         models = ["transformer", *models]  # ratios need the control in the same process
+    overrides = overrides or {}
+    for name in overrides:
+        if name not in models:
+            raise ValueError(f"overrides={name!r}: not one of the benchmarked models {models}")
     lengths = sorted(lengths or DEFAULT_LENGTHS)
     if any(n < 1 for n in lengths):
         raise ValueError(f"lengths={lengths}: every length must be >= 1")
@@ -111,7 +118,8 @@ def run_speed_bench(
     torch.manual_seed(seed)
     results: dict[str, list[dict]] = {}
     for name in models:
-        model = hierseq.build_model(name, **_model_overrides(name, d_model, n_layers)).to(device)
+        config = {**_model_overrides(name, d_model, n_layers), **overrides.get(name, {})}
+        model = hierseq.build_model(name, **config).to(device)
         rows: list[dict] = []
         spent = 0.0
         stopped = None
@@ -143,6 +151,7 @@ def run_speed_bench(
         "n_layers": n_layers,
         "batch_size": batch_size,
         "repeats": repeats,
+        "overrides": overrides,
         "results": results,
     }
     out = Path(out_dir)
