@@ -16,6 +16,16 @@ import torch
 
 import hierseq
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many small ops: one intra-op thread avoids spin contention on a busy 2-core CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: config fields that pick a sequence mixer, per model; each is checked with every kind.
 LEVEL_FIELDS = ("low_level", "high_level", "backbone")
 KINDS = ("mamba", "lstm", "transformer")

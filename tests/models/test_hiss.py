@@ -8,6 +8,16 @@ import torch
 import hierseq
 from hierseq.models.hiss import HSSS, HiSSConfig, LowLevelMamba
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tests run many small ops: one intra-op thread avoids spin contention on a busy 2-core CI box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 SEED_KW = dict(dt_min=0.001, dt_max=0.1, dt_init="random", dt_scale=1.0, bias=False, conv_bias=True, pscan=True)
 
 
