@@ -380,10 +380,16 @@ class BabyAutoencoder(nn.Module):
         self.decoder = TransformerStack(d_model, n_heads, transformer_layers, dropout, mlp, norm)
 
     # ---------------------------------------------------------------------------------------- masking
+    @property
+    def uses_scorer(self) -> bool:
+        # ``mask_strategy`` may be switched to "random" after construction, e.g. to evaluate a model
+        # trained with learned masks on random masks (the bench does).
+        return self.scorer is not None and self.mask_strategy == "learned"
+
     def scores(self, windows: torch.Tensor) -> torch.Tensor:
         """Importance of every token: [B, W, P, D] -> [B, W, P] (higher = kept)."""
         B, W, P, _ = windows.shape
-        if self.scorer is not None:
+        if self.uses_scorer:
             s = self.scorer(windows).squeeze(-1)
             if self.training and self.gumbel_scale > 0:
                 # Gumbel top-k: sampling the kept set in proportion to exp(score) explores masks.
@@ -414,7 +420,7 @@ class BabyAutoencoder(nn.Module):
         chosen = keep | take_pad[None]
         # Stable sort puts the V chosen slots first, in position order.
         idx = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., : geometry.visible]
-        if self.scorer is None:
+        if not self.uses_scorer:
             return idx, scores.new_ones(idx.shape)
         # Straight-through: value 1, gradient of sigmoid(score - window mean) w.r.t. the scorer.
         centre = (scores.detach() * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
