@@ -200,32 +200,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
+def _split_list(text: str | None, cast=str) -> list | None:
+    if not text:
+        return None
+    try:
+        return [cast(x.strip()) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r}: must be a comma-separated list of {cast.__name__} values") from None
+
+
+def cmd_bench_speed(args: argparse.Namespace) -> int:
     from hierseq.bench.speed import run_speed_bench
 
-    if args.what != "speed":
-        raise ValueError(f"bench={args.what!r}: only 'speed' exists so far")
-    models = args.models.split(",") if args.models else None
-    lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else None
-    overrides: dict[str, dict[str, Any]] = {}
-    plain, prefixed = parse_overrides(args.set or [])
-    if prefixed:  # "model.KEY" names no model here
-        raise ValueError(f"--set model.{next(iter(prefixed))}: must have the form MODEL.KEY=VALUE, MODEL a model name")
-    for key, value in plain.items():
-        name, dot, field = key.partition(".")
-        if not dot or not field:
-            raise ValueError(f"--set {key}={value}: must have the form MODEL.KEY=VALUE (e.g. tree.sibling_mode=exact)")
-        overrides.setdefault(name, {})[field] = value
     run_speed_bench(
         out_dir=args.out,
-        models=models,
-        lengths=lengths,
+        models=_split_list(args.models),
+        lengths=_split_list(args.lengths, int),
         repeats=args.repeats,
         time_budget_s=args.time_budget,
         d_model=args.d_model,
         n_layers=args.n_layers,
         batch_size=args.batch_size,
-        overrides=overrides,
+    )
+    return 0
+
+
+def cmd_bench_lm(args: argparse.Namespace) -> int:
+    from hierseq.bench.lm import run_lm_bench
+
+    run_lm_bench(
+        out_dir=args.out,
+        size="full" if args.full else "quick",
+        models=_split_list(args.models),
+        data=args.data,
+        seeds=_split_list(args.seeds, int),
     )
     return 0
 
@@ -280,20 +288,33 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-seconds", type=float, default=240.0)
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("bench", help="benchmarks (JSON + Markdown + plot under runs/)")
-    p.add_argument("what", choices=["speed"])
-    p.add_argument("--out", default="runs/bench/speed")
+    bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown + plot under runs/)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+
+    p = bench_sub.add_parser("lm", help="every causal LM on the corpus at matched parameters and budget")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores (default)")
+    size.add_argument("--full", action="store_true", help="larger models, longer, three seeds")
     p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
+    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
+    p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
+    p.add_argument("--out", default="runs/bench/lm")
+    p.set_defaults(func=cmd_bench_lm)
+
+    p = bench_sub.add_parser("speed", help="time and memory vs sequence length")
+    p.add_argument("--out", default="runs/bench/speed")
+    p.add_argument(
+        "--models",
+        help="comma-separated registry names or variants NAME:KEY=VALUE[+KEY=VALUE] "
+        "(e.g. tree,tree:sibling_mode=exact); default: every causal LM",
+    )
     p.add_argument("--lengths", help="comma-separated sequence lengths (default 512..32768)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--time-budget", type=float, default=60.0, help="seconds per model before stopping it")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument(
-        "--set", action="append", metavar="MODEL.KEY=VALUE", help="model config override (tree.sibling_mode=exact)"
-    )
-    p.set_defaults(func=cmd_bench)
+    p.set_defaults(func=cmd_bench_speed)
     return parser
 
 

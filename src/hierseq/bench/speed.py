@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from .report import check_model_specs
+
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 
 
@@ -92,23 +94,15 @@ def run_speed_bench(
     n_layers: int = 4,
     batch_size: int = 1,
     seed: int = 0,
-    overrides: dict[str, dict] | None = None,
 ) -> dict:
-    """``overrides`` maps a model name to config overrides applied on top of the matched width/depth,
-    e.g. ``{"tree": {"sibling_mode": "exact"}}``."""
+    """``models`` are registry names or variants ``"tree:sibling_mode=exact"`` (see
+    :func:`hierseq.bench.report.parse_model_spec`); the variant's overrides apply on top of the matched
+    width and depth."""
     import hierseq
 
-    causal = hierseq.list_models(kind="causal_lm")
-    models = models or causal
-    for name in models:
-        if name not in causal:
-            raise ValueError(f"models={name!r}: not a registered causal LM; choose from {causal}")
-    if "transformer" not in models:
-        models = ["transformer", *models]  # ratios need the control in the same process
-    overrides = overrides or {}
-    for name in overrides:
-        if name not in models:
-            raise ValueError(f"overrides={name!r}: not one of the benchmarked models {models}")
+    specs = check_model_specs(models or hierseq.list_models(kind="causal_lm"), "causal_lm")
+    if "transformer" not in [label for label, _, _ in specs]:
+        specs = [("transformer", "transformer", {}), *specs]  # ratios need the control in the same process
     lengths = sorted(lengths or DEFAULT_LENGTHS)
     if any(n < 1 for n in lengths):
         raise ValueError(f"lengths={lengths}: every length must be >= 1")
@@ -117,13 +111,13 @@ def run_speed_bench(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     results: dict[str, list[dict]] = {}
-    for name in models:
-        config = {**_model_overrides(name, d_model, n_layers), **overrides.get(name, {})}
+    for label, name, variant in specs:
+        config = {**_model_overrides(name, d_model, n_layers), **variant}
         model = hierseq.build_model(name, **config).to(device)
         rows: list[dict] = []
         spent = 0.0
         stopped = None
-        for length in tqdm(lengths, desc=f"speed {name}", leave=False):
+        for length in tqdm(lengths, desc=f"speed {label}", leave=False):
             if stopped:
                 rows.append({"length": length, "status": stopped})
                 continue
@@ -138,7 +132,7 @@ def run_speed_bench(
             spent += time.perf_counter() - t0
             if not stopped and spent > time_budget_s:
                 stopped = "time budget"
-        results[name] = rows
+        results[label] = rows
         del model
     _add_ratios(results)
     report = {
@@ -151,7 +145,6 @@ def run_speed_bench(
         "n_layers": n_layers,
         "batch_size": batch_size,
         "repeats": repeats,
-        "overrides": overrides,
         "results": results,
     }
     out = Path(out_dir)

@@ -1,0 +1,288 @@
+"""Associative-recall benchmark: train small causal LMs on MQAR and report query accuracy.
+
+For every model spec x width x learning rate x seed: build the model through the registry
+(``d_model=width``, ``n_layers``, ``vocab_size``, plus the spec's overrides), train it for ``steps``
+AdamW steps on fresh MQAR batches (linear warm-up, cosine decay, clipping at 1.0), and measure argmax
+accuracy at the query positions of one fixed evaluation set shared by all runs. The table reports, per
+model and width, the best learning rate's accuracy (mean over seeds), as in Zoology, next to the
+recurrent state size per layer (floats per sequence; for attention the KV cache at ``seq_len``).
+
+Model specs are registry names with optional overrides: ``hamt``, ``hamt:binding=circular``,
+``linear_attn:n_heads=1,key_dim=64`` (values parsed as YAML scalars).
+
+Python: ``run_recall_bench(out_dir, models, widths, seq_len, n_pairs, vocab_size, lrs, steps, seeds)``;
+writes ``recall.json`` and ``recall.md`` under ``out_dir`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ..config import config_error
+from ..data.synthetic import mqar_accuracy, mqar_batch, mqar_batches
+
+#: the evaluation set is drawn from this seed for every run, so all models answer the same queries.
+EVAL_SEED = 1_000_003
+
+
+def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (registry name, overrides)."""
+    name, _, rest = spec.partition(":")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise config_error("models", spec, "overrides must look like name:key=value,key=value")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return name.strip(), overrides
+
+
+def _build(name: str, overrides: dict[str, Any], width: int, n_layers: int, vocab_size: int) -> torch.nn.Module:
+    import hierseq
+
+    fields = hierseq.get_entry(name).config_cls.field_names()
+    sizing: dict[str, Any] = {"d_model": width, "n_layers": n_layers, "vocab_size": vocab_size}
+    if "n_heads" in fields:
+        sizing["n_heads"] = max(1, width // 32)  # head width 32 unless the spec says otherwise
+    return hierseq.build_model(name, **{**sizing, **overrides})
+
+
+def state_floats(model: torch.nn.Module, seq_len: int) -> int | None:
+    """Recurrent state per layer and sequence (``model.state_size()``); for attention, the KV cache
+    at ``seq_len`` (2 * seq_len * d_model); None when unknown."""
+    if hasattr(model, "state_size"):
+        return int(model.state_size())
+    if getattr(model.config, "model_type", "") == "transformer":
+        return 2 * seq_len * model.config.d_model
+    return None
+
+
+@torch.no_grad()
+def evaluate_mqar(model: torch.nn.Module, eval_set: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Query accuracy of ``model`` (eval mode) over a list of (input_ids, labels) batches."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for ids, labels in eval_set:
+        c, t = mqar_accuracy(model(ids).logits, labels)
+        correct, total = correct + c, total + t
+    model.train(was_training)
+    return correct / max(total, 1)
+
+
+def train_mqar(
+    spec: str,
+    width: int,
+    lr: float,
+    seed: int,
+    eval_set: list[tuple[torch.Tensor, torch.Tensor]],
+    seq_len: int,
+    n_pairs: int,
+    vocab_size: int,
+    steps: int,
+    batch_size: int = 64,
+    n_layers: int = 2,
+    weight_decay: float = 0.1,
+    warmup_frac: float = 0.1,
+    eval_every: int = 0,
+    stop_at: float = 1.0,
+) -> dict[str, Any]:
+    """One training run; returns a result row (accuracy, losses, time, sizes).
+
+    Stops early when a periodic evaluation (every ``eval_every`` steps; 0 = steps // 8) reaches
+    ``stop_at`` accuracy, so solved settings do not burn the CPU budget."""
+    name, overrides = parse_model_spec(spec)
+    torch.manual_seed(seed)
+    model = _build(name, overrides, width, n_layers, vocab_size)
+    model.train()
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, int(warmup_frac * steps))
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    eval_every = eval_every or max(1, steps // 8)
+    batches = mqar_batches(batch_size, seq_len, n_pairs, vocab_size, seed=seed)
+    t0 = time.perf_counter()
+    losses: list[float] = []
+    history: list[tuple[int, float]] = []
+    accuracy = 0.0
+    step = 0
+    for step in range(1, steps + 1):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1)
+        ids, labels = next(batches)
+        out = model(ids, labels=labels)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(out.lm_loss.item())
+        if step % eval_every == 0 or step == steps:
+            accuracy = evaluate_mqar(model, eval_set)
+            history.append((step, accuracy))
+            if accuracy >= stop_at:
+                break
+    tail = losses[-max(1, len(losses) // 10) :]
+    return {
+        "model": spec,
+        "width": width,
+        "lr": lr,
+        "seed": seed,
+        "accuracy": accuracy,
+        "steps_run": step,
+        "final_train_loss": statistics.fmean(tail),
+        "history": history,
+        "seconds": time.perf_counter() - t0,
+        "params": sum(p.numel() for p in model.parameters()),
+        "state_floats_per_layer": state_floats(model, seq_len),
+    }
+
+
+def run_recall_bench(
+    out_dir: str = "runs/bench/recall",
+    models: Sequence[str] = ("hamt", "linear_attn", "transformer"),
+    widths: Sequence[int] = (64,),
+    seq_len: int = 64,
+    n_pairs: int = 4,
+    vocab_size: int = 256,
+    lrs: Sequence[float] = (1e-3, 3e-3),
+    steps: int = 1000,
+    seeds: Sequence[int] = (0,),
+    batch_size: int = 64,
+    n_layers: int = 2,
+    eval_examples: int = 1000,
+    stop_at: float = 1.0,
+) -> dict[str, Any]:
+    """Train every model spec x width x lr x seed on MQAR, write ``recall.json`` / ``recall.md`` under
+    ``out_dir``, print the table, and return the report (``rows``: every run; ``summary``: best lr per
+    model and width, mean accuracy over seeds)."""
+    import hierseq
+
+    causal = hierseq.list_models(kind="causal_lm")
+    for spec in models:
+        name, _ = parse_model_spec(spec)
+        if name not in causal:
+            raise config_error("models", spec, f"not a registered causal LM; choose from {causal}")
+    for name, values in (("widths", widths), ("lrs", lrs), ("seeds", seeds), ("models", models)):
+        if not values:
+            raise config_error(name, list(values), "must not be empty")
+    if steps < 1:
+        raise config_error("steps", steps, "must be >= 1")
+    generator = torch.Generator().manual_seed(EVAL_SEED)
+    eval_batch = min(250, eval_examples)
+    eval_set = [
+        mqar_batch(eval_batch, seq_len, n_pairs, vocab_size, generator)
+        for _ in range(max(1, math.ceil(eval_examples / eval_batch)))
+    ]
+    rows = []
+    for spec in models:
+        for width in widths:
+            for lr in lrs:
+                for seed in seeds:
+                    row = train_mqar(
+                        spec,
+                        width,
+                        lr,
+                        seed,
+                        eval_set,
+                        seq_len,
+                        n_pairs,
+                        vocab_size,
+                        steps,
+                        batch_size,
+                        n_layers,
+                        stop_at=stop_at,
+                    )
+                    rows.append(row)
+                    print(
+                        f"[recall] {spec} width={width} lr={lr:g} seed={seed}: acc={row['accuracy']:.4f} "
+                        f"loss={row['final_train_loss']:.3f} steps={row['steps_run']} {row['seconds']:.0f}s",
+                        flush=True,
+                    )
+    summary = []
+    for spec in models:
+        for width in widths:
+            by_lr = {}
+            for lr in lrs:
+                accs = [r["accuracy"] for r in rows if (r["model"], r["width"], r["lr"]) == (spec, width, lr)]
+                by_lr[lr] = statistics.fmean(accs)
+            best_lr = max(by_lr, key=by_lr.get)
+            example = next(r for r in rows if (r["model"], r["width"]) == (spec, width))
+            summary.append(
+                {
+                    "model": spec,
+                    "width": width,
+                    "best_lr": best_lr,
+                    "accuracy": by_lr[best_lr],
+                    "accuracy_by_lr": by_lr,
+                    "params": example["params"],
+                    "state_floats_per_layer": example["state_floats_per_layer"],
+                }
+            )
+    report = {
+        "benchmark": "recall (MQAR)",
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "threads": torch.get_num_threads(),
+        "settings": {
+            "seq_len": seq_len,
+            "n_pairs": n_pairs,
+            "vocab_size": vocab_size,
+            "n_layers": n_layers,
+            "steps": steps,
+            "batch_size": batch_size,
+            "lrs": list(lrs),
+            "seeds": list(seeds),
+            "eval_examples": eval_batch * len(eval_set),
+            "stop_at": stop_at,
+        },
+        "summary": summary,
+        "rows": rows,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "recall.md").write_text(_markdown(report))
+    print((out / "recall.md").read_text())
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    s = report["settings"]
+    lines = [
+        "# MQAR recall",
+        "",
+        f"V={s['vocab_size']}, L={s['seq_len']}, K={s['n_pairs']} pairs, {s['n_layers']} layers, "
+        f"{s['steps']} steps max (batch {s['batch_size']}, early stop at acc >= {s['stop_at']}), "
+        f"lrs {s['lrs']}, seeds {s['seeds']}, {s['eval_examples']} eval sequences; accuracy of the best lr "
+        "(mean over seeds). State: floats per layer and sequence (attention: KV cache at L).",
+        "",
+        "| model | width | accuracy | best lr | accuracy per lr | state floats/layer | params |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["summary"]:
+        per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in r["accuracy_by_lr"].items())
+        lines.append(
+            f"| {r['model']} | {r['width']} | {r['accuracy']:.4f} | {r['best_lr']:g} | {per_lr} "
+            f"| {r['state_floats_per_layer']} | {r['params']:,} |"
+        )
+    return "\n".join(lines) + "\n"

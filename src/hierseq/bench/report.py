@@ -1,0 +1,89 @@
+"""Shared report writing for benchmarks: one JSON with the raw numbers, one Markdown table, the
+machine facts next to them (numbers without their machine are not worth quoting)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def machine_facts() -> dict[str, Any]:
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | Path, name: str, data: dict[str, Any], markdown: str) -> Path:
+    """Write ``name.json`` and ``name.md`` under ``out_dir``; returns the Markdown path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    md_path = out / f"{name}.md"
+    md_path.write_text(markdown.rstrip() + "\n")
+    return md_path
+
+
+def pyplot():
+    """matplotlib.pyplot with the Agg backend, or None (with a note) when the plots extra is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: skipping plots (pip install 'hierseq[plots]')")
+        return None
+    return plt
+
+
+def parse_model_spec(spec: str) -> tuple[str, str, dict[str, Any]]:
+    """A benchmarked model variant: ``"tree"`` or ``"tree:sibling_mode=exact+n_summary=4"``.
+
+    Returns (label, registry name, config overrides). Values are parsed as YAML scalars. Variants let
+    one run measure several modes of a model next to the control in the same process."""
+    import yaml
+
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    overrides: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in rest.split("+"))):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"models={spec!r}: a variant must look like NAME:KEY=VALUE[+KEY=VALUE]")
+        value = yaml.safe_load(raw)
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        overrides[key.strip()] = value
+    return spec.strip(), name, overrides
+
+
+def check_model_specs(specs: list[str], kind: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """Parse variant specs and check every name is a registered model of ``kind``."""
+    import hierseq
+
+    known = hierseq.list_models(kind=kind)
+    parsed = [parse_model_spec(s) for s in specs]
+    for _, name, _ in parsed:
+        if name not in known:
+            raise ValueError(f"models={name!r}: not a registered {kind} model; choose from {known}")
+    return parsed
