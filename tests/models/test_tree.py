@@ -176,6 +176,19 @@ def test_summary_decode_state_is_logarithmic_and_exact_state_is_linear() -> None
             assert sizes == list(range(4, n + 1))  # every past token: the quadratic mode, honestly
 
 
+def test_summary_cache_after_a_long_prefill_holds_only_logarithmic_memory() -> None:
+    """The prefill stores copies, not views of the prompt's projections, so the cache's storage is just
+    the keys a new token attends to: at most leaf - 1 raw tokens plus n_summary per tree level."""
+    model = small_tree("summary", n_layers=1)
+    with torch.no_grad():
+        layer = model(random_ids(1, 1001, V, seed=16), use_cache=True).cache.layers[0]
+    tensors = [layer.leaf_k, layer.leaf_v] + [t for slot in layer.slots if slot is not None for t in slot]
+    bytes_per_key = 32 * 4  # n_heads * head_dim = d_model = 32 floats
+    assert sum(t.untyped_storage().nbytes() for t in tensors) == 2 * layer.num_cached_keys() * bytes_per_key
+    # 1001 = 125 leaves (0b1111101: 6 set bits) + 1 token
+    assert layer.num_cached_keys() == 1 + 4 * 6
+
+
 def test_cache_reorder_selects_rows() -> None:
     model = small_tree("summary")
     ids = random_ids(3, 30, V, seed=12)

@@ -345,13 +345,16 @@ class TreeAttention(nn.Module):
         return leaf_summaries(keys.unsqueeze(2), self.n_summary).squeeze(2)
 
     def _fill_cache(self, k: torch.Tensor, v: torch.Tensor, cache: TreeAttentionCache) -> None:
-        """State after a prefill of positions 0 .. L-1 (k, v: [B, H, L, Dh], rotated)."""
+        """State after a prefill of positions 0 .. L-1 (k, v: [B, H, L, Dh], rotated).
+
+        Every stored tensor is a copy, not a view: a view would keep the whole prefill's projections
+        alive and make the cache O(L) in memory."""
         B, H, L, dh = k.shape
         leaf = self.leaf_size
         n_complete = L // leaf
         cache.length = L
-        cache.leaf_k = k[:, :, n_complete * leaf :]
-        cache.leaf_v = v[:, :, n_complete * leaf :]
+        cache.leaf_k = k[:, :, n_complete * leaf :].clone()
+        cache.leaf_v = v[:, :, n_complete * leaf :].clone()
         cache.slots = [None] * n_complete.bit_length()
         if not n_complete:
             return
@@ -360,7 +363,7 @@ class TreeAttention(nn.Module):
                 if n_complete >> level & 1:
                     node = (n_complete >> level) - 1
                     span = slice(node * (leaf << level), (node + 1) * (leaf << level))
-                    cache.slots[level] = (k[:, :, span], v[:, :, span])
+                    cache.slots[level] = (k[:, :, span].clone(), v[:, :, span].clone())
             return
         # Same pyramid arithmetic as the batched forward, so prefill and full forward agree exactly.
         whole = (B, H, n_complete, leaf, dh)
@@ -373,7 +376,7 @@ class TreeAttention(nn.Module):
         for level in range(n_complete.bit_length()):
             if n_complete >> level & 1:
                 node = (n_complete >> level) - 1
-                cache.slots[level] = (k_pyramid[level][:, :, node], v_pyramid[level][:, :, node])
+                cache.slots[level] = (k_pyramid[level][:, :, node].clone(), v_pyramid[level][:, :, node].clone())
 
     def _extend_cache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: TreeAttentionCache
@@ -398,7 +401,8 @@ class TreeAttention(nn.Module):
             cache.length += stop - start
             if cache.leaf_k.shape[2] == leaf:
                 cache.push_node(0, self._leaf_summary(cache.leaf_k), self._leaf_summary(cache.leaf_v), self.exact)
-                cache.leaf_k, cache.leaf_v = cache.leaf_k[:, :, :0], cache.leaf_v[:, :, :0]
+                cache.leaf_k = k.new_empty(k.shape[0], k.shape[1], 0, k.shape[3])
+                cache.leaf_v = v.new_empty(v.shape[0], v.shape[1], 0, v.shape[3])
             start = stop
         return torch.cat(outputs, dim=2)
 
