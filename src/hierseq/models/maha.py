@@ -236,23 +236,33 @@ def banded_attention(
         raise ValueError(f"n_prefix={n_prefix}: must be < window={w} (and 0 when not causal)")
     n_blocks = -(-M // w)
     lookahead = 0 if causal else 1
-    span = (2 + lookahead) * w  # key slots per query block
-    front = w - n_prefix  # left padding so that block b's keys start at padded index b * w
-    back = n_blocks * w - M + lookahead * w
-    k_pad = F.pad(k, (0, 0, front, back))
-    v_pad = F.pad(v, (0, 0, front, back))
-    k_blocks = k_pad.unfold(2, span, w).transpose(-1, -2)  # [B, H, nb, span, Dh]
-    v_blocks = v_pad.unfold(2, span, w).transpose(-1, -2)
-    q_blocks = F.pad(q, (0, 0, 0, n_blocks * w - M)).view(B, H, n_blocks, w, Dh)
+    n_spans = 2 + lookahead  # key blocks per query block: previous, own (, next)
+    span = n_spans * w
+    front = w - n_prefix  # left padding so that query block b's keys start at padded block b
+    back = (n_blocks + 1 + lookahead) * w - front - n_prefix - M
+
+    def key_blocks(x: torch.Tensor) -> torch.Tensor:
+        # [B, H, n_prefix + M, Dh] -> [B * nb, H, span, Dh]: block b = padded blocks b .. b + n_spans - 1.
+        # Concatenating shifted views (rather than unfold) keeps backward to cheap slice copies.
+        blocks = F.pad(x, (0, 0, front, back)).view(B, H, n_blocks + n_spans - 1, w, Dh).transpose(1, 2)
+        shifted = [blocks[:, i : i + n_blocks] for i in range(n_spans)]
+        return torch.cat(shifted, dim=3).reshape(B * n_blocks, H, span, Dh)
+
+    # 4-D [B * nb, H, w, Dh] layout: SDPA's fused CPU kernel takes it (5-D inputs fall back to math).
+    q_blocks = F.pad(q, (0, 0, 0, n_blocks * w - M)).view(B, H, n_blocks, w, Dh).transpose(1, 2)
+    q_blocks = q_blocks.reshape(B * n_blocks, H, w, Dh)
     a = torch.arange(w, device=q.device).unsqueeze(1)  # query offset inside its block
     c = torch.arange(span, device=q.device).unsqueeze(0)  # key slot inside the block's span
     offset = c - w - a  # key position minus query position
     allowed = (offset <= 0) & (offset > -w) if causal else offset.abs() < w  # [w, span]
     slot = torch.arange(n_blocks, device=q.device).unsqueeze(1) * w + c  # padded key index [nb, span]
     real = (slot >= front) & (slot < front + n_prefix + M)
-    mask = allowed.unsqueeze(0) & real.unsqueeze(1)  # [nb, w, span]
-    y = F.scaled_dot_product_attention(q_blocks, k_blocks, v_blocks, attn_mask=mask, dropout_p=dropout_p)
-    return y.reshape(B, H, n_blocks * w, Dh)[:, :, :M]
+    mask = (allowed.unsqueeze(0) & real.unsqueeze(1)).unsqueeze(1)  # [nb, 1, w, span]
+    if B > 1:
+        mask = mask.repeat(B, 1, 1, 1)
+    y = F.scaled_dot_product_attention(q_blocks, key_blocks(k), key_blocks(v), attn_mask=mask, dropout_p=dropout_p)
+    y = y.view(B, n_blocks, H, w, Dh).transpose(1, 2).reshape(B, H, n_blocks * w, Dh)
+    return y[:, :, :M]
 
 
 def causal_source_index(positions: torch.Tensor, stride: int) -> torch.Tensor:
@@ -321,7 +331,8 @@ class StridedDownsample(nn.Module):
         else:
             x = F.pad(x, (0, 0, 0, (-n) % r))
         windows = x.reshape(B, x.shape[1] // r, r, D)
-        return torch.einsum("bnrd,rd->bnd", windows, self.weight) + self.bias
+        # Elementwise multiply-add: an einsum here becomes a batched matmul with inner size r.
+        return (windows * self.weight).sum(dim=2) + self.bias
 
 
 class MultiscaleAttention(nn.Module):
@@ -438,7 +449,7 @@ class MultiscaleAttention(nn.Module):
             weights = sparsemax(prior, mask)
         else:
             weights = nash_weights(prior, candidates, self.cfg.nash_iters, self.cfg.nash_temperature, mask)
-        mixed = torch.einsum("bls,blsd->bld", weights, candidates)
+        mixed = (weights.unsqueeze(-1) * candidates).sum(dim=2)  # [B, L, D]
         usage = weights.mean(dim=(0, 1))  # [S]
         aux = self.n_scales * usage.pow(2).sum() - 1.0
         if return_weights:
