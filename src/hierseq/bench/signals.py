@@ -44,7 +44,7 @@ MODEL_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
 
 #: full / quick settings: data sizes, training length, parameter budget.
 SETTINGS: dict[str, dict[str, Any]] = {
-    "full": {"n_train": 384, "n_val": 64, "n_test": 128, "length": 500, "epochs": 12, "params": 20000},
+    "full": {"n_train": 192, "n_val": 64, "n_test": 128, "length": 500, "epochs": 6, "params": 20000},
     "quick": {"n_train": 32, "n_val": 8, "n_test": 8, "length": 60, "epochs": 2, "params": 3000},
 }
 
