@@ -53,6 +53,8 @@ class TreeConfig(BaseConfig):
     from the input length. sibling_mode: "summary" (O(L log L)) or "exact" (every left-sibling token,
     O(L^2)). n_summary: summary tokens per left sibling in summary mode; must divide leaf_size (ignored
     in exact mode, still validated so that switching modes cannot produce an invalid config).
+    dropout applies to the embeddings, the residual branches and the MLP, not to attention
+    probabilities (the summary softmax is over few keys; dropping one would drop a whole sibling).
     """
 
     n_heads: int = 4
