@@ -78,12 +78,14 @@ def _random_mask_eval(model: torch.nn.Module, batches: list[torch.Tensor]) -> di
             n.mask_strategy = s
 
 
-def quality(settings: dict[str, Any], seeds: list[int], log) -> dict[str, Any]:
+def quality(
+    settings: dict[str, Any], seeds: list[int], log, tasks: tuple[str, ...] = ("bytes", "signal")
+) -> dict[str, Any]:
     from ..training.masked import MaskedTrainConfig, SignalTask, eval_byte_batches, train_masked
 
     out: dict[str, Any] = {}
     for label, (registry_name, overrides) in model_configs(settings["d_model"], settings["n_heads"]).items():
-        for task in ("bytes", "signal"):
+        for task in tasks:
             runs = []
             for seed in seeds:
                 cfg = MaskedTrainConfig(
@@ -205,6 +207,7 @@ def run_recon_bench(
     lengths: list[int] | None = None,
     threads: int | None = None,
     skip_speed: bool = False,
+    tasks: tuple[str, ...] | list[str] = ("bytes", "signal"),
     log=print,
 ) -> dict[str, Any]:
     """Train and evaluate HAMA and the flat MAE (``quick``: d_model 64, 400 steps; else d_model 128,
@@ -241,7 +244,10 @@ def run_recon_bench(
             "params_bytes_task": _params(hierseq.build_model(registry_name, **overrides)),
         }
     report["unigram_baseline_acc"] = unigram_baseline_acc()
-    report["quality"] = quality(settings, seeds, log)
+    bad = [t for t in tasks if t not in ("bytes", "signal")]
+    if bad or not tasks:
+        raise ValueError(f"tasks={list(tasks)}: choose from ['bytes', 'signal']")
+    report["quality"] = quality(settings, seeds, log, tuple(tasks))
     report["speed"] = {} if skip_speed else speed(settings, log)
     report["wall_time_s"] = time.perf_counter() - t0
     out = Path(out_dir)
@@ -262,17 +268,22 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['batch_size']} x {s['seq_len']} tokens, lr {s['lr']}; seeds {report['seeds']}; "
         f"{report['device']}, {report['threads']} threads, torch {report['torch']}.",
         "",
-        "| model | params | bytes: masked acc | masked CE (nats) | acc on random masks | signal: masked MSE "
-        "| MSE / mean baseline | train s (bytes) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | params | bytes: masked acc | masked CE (nats) | acc / CE on random masks | signal: masked MSE "
+        "| MSE / mean baseline | ratio on random masks | train s (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(d: dict[str, float], key: str) -> str:
+        return f"{d[key]:.3f}" if key in d else ""
+
     for label, tasks in report["quality"].items():
-        b, g = tasks["bytes"]["mean"], tasks["signal"]["mean"]
-        rnd = b.get("random_mask_masked_acc")
+        b = tasks["bytes"]["mean"] if "bytes" in tasks else {}
+        g = tasks["signal"]["mean"] if "signal" in tasks else {}
+        train_s = f"{tasks['bytes']['runs'][0]['train_time_s']:.0f}" if "bytes" in tasks else ""
         lines.append(
-            f"| {label} | {report['models'][label]['params_bytes_task']:,} | {b['masked_acc']:.3f} "
-            f"| {b['masked_ce']:.3f} | {'' if rnd is None else f'{rnd:.3f}'} | {g['masked_mse']:.3f} "
-            f"| {g['mse_ratio']:.3f} | {tasks['bytes']['runs'][0]['train_time_s']:.0f} |"
+            f"| {label} | {report['models'][label]['params_bytes_task']:,} | {fmt(b, 'masked_acc')} "
+            f"| {fmt(b, 'masked_ce')} | {fmt(b, 'random_mask_masked_acc')} / {fmt(b, 'random_mask_masked_ce')} "
+            f"| {fmt(g, 'masked_mse')} | {fmt(g, 'mse_ratio')} | {fmt(g, 'random_mask_mse_ratio')} | {train_s} |"
         )
     if "unigram_baseline_acc" in report:
         lines += [
@@ -306,6 +317,8 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, tasks in report["quality"].items():
+        if "bytes" not in tasks:
+            continue
         curve = tasks["bytes"]["runs"][0]["train_loss"]
         axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=label)
     axes[0].set_title("bytes: training loss (masked CE, seed 0), per fifth of training")
@@ -337,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", default=None, help="comma-separated speed lengths")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--tasks", default="bytes,signal", help="comma-separated: bytes, signal")
     args = parser.parse_args(argv)
     run_recon_bench(
         out_dir=args.out,
@@ -346,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
         threads=args.threads,
         skip_speed=args.skip_speed,
+        tasks=args.tasks.split(","),
     )
     return 0
 
