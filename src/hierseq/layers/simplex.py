@@ -135,31 +135,46 @@ def nash_weights(
     temperature_multiplier: float = 1.0,
     mask: torch.Tensor | None = None,
     return_residual: bool = False,
+    eps: float = 1e-6,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Best-response dynamics from w_0 = softmax(prior), ``n_iters`` steps, unrolled (differentiable).
 
     prior: [..., S]; utilities: [..., S, D]; mask: optional bool [..., S]. Returns w: [..., S] and,
     with ``return_residual``, ||BR(w) - w||_2 per token [...] (0 at the fixed point).
 
+    Same game as :func:`best_response` on :func:`normalise_utilities`, computed through the S x S Gram
+    matrix so each iteration costs O(S^2) per token instead of O(S D), and only the Gram matrix (not K
+    copies of [..., S, D]) is kept for backward.
+
     Why it converges: the common ||consensus||^2 term cancels inside the softmax, so the logits are
     prior - ||u_s||^2 / (D T) + 2 (G w)_s / (D T) with G the Gram matrix of the normalised
-    utilities; ||G||_2 <= trace(G) = S D, and softmax is 1/2-Lipschitz, so the map is Lipschitz with
-    constant <= S / T = 1 / (2 * multiplier) <= 1/2: a contraction with a unique fixed point, reached
-    to within 2^-n_iters of the starting distance.
+    utilities; ||G||_2 <= trace(G) = S D, and softmax is 1/2-Lipschitz (its Jacobian is a covariance,
+    bounded by Popoviciu's inequality), so the map is Lipschitz with constant <= S / T =
+    1 / (2 * multiplier) <= 1/2: a contraction with a unique fixed point, reached to within
+    2^-n_iters of the starting distance.
     """
     if temperature_multiplier < 1.0:
         raise ValueError(f"temperature_multiplier={temperature_multiplier}: must be >= 1 to keep a contraction")
-    n_players = prior.shape[-1]
+    n_players, d = prior.shape[-1], utilities.shape[-1]
     temperature = nash_temperature(n_players, temperature_multiplier)
-    normed = normalise_utilities(utilities)
+    gram = torch.einsum("...sd,...rd->...sr", utilities, utilities) / d  # [..., S, S]
+    power = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)  # mean of u^2 over scales and channels
+    gram = gram / (power + eps)[..., None, None]  # Gram matrix of the normalised utilities, / D
+    base = prior - torch.diagonal(gram, dim1=-2, dim2=-1) / temperature
+    coupling = gram * (2.0 / temperature)
+    if mask is not None:
+        base = base.masked_fill(~mask, float("-inf"))
     start = prior if mask is None else prior.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(start, dim=-1)
+
+    def respond(w: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(base + torch.einsum("...sr,...r->...s", coupling, w), dim=-1)
+
     for _ in range(n_iters):
-        weights = best_response(weights, prior, normed, temperature, mask)
+        weights = respond(weights)
     if not return_residual:
         return weights
-    residual = (best_response(weights, prior, normed, temperature, mask) - weights).norm(dim=-1)
-    return weights, residual
+    return weights, (respond(weights) - weights).norm(dim=-1)
 
 
 def nash_weights_reference(
