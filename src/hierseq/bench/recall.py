@@ -96,6 +96,7 @@ def train_mqar(
     warmup_frac: float = 0.1,
     eval_every: int = 0,
     stop_at: float = 1.0,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """One training run; returns a result row (accuracy, losses, time, sizes).
 
@@ -139,6 +140,9 @@ def train_mqar(
         if step % eval_every == 0 or step == steps:
             accuracy = evaluate_mqar(model, eval_set)
             history.append((step, accuracy))
+            if verbose:
+                tag = f"{spec} w={width} lr={lr:g}"
+                print(f"  [{tag}] step {step}: acc {accuracy:.4f} loss {losses[-1]:.3f}", flush=True)
             if accuracy >= stop_at:
                 break
     tail = losses[-max(1, len(losses) // 10) :]
@@ -171,6 +175,7 @@ def run_recall_bench(
     n_layers: int = 2,
     eval_examples: int = 1000,
     stop_at: float = 1.0,
+    verbose: bool = True,
 ) -> dict[str, Any]:
     """Train every model spec x width x lr x seed on MQAR, write ``recall.json`` / ``recall.md`` under
     ``out_dir``, print the table, and return the report (``rows``: every run; ``summary``: best lr per
@@ -211,6 +216,7 @@ def run_recall_bench(
                         batch_size,
                         n_layers,
                         stop_at=stop_at,
+                        verbose=verbose,
                     )
                     rows.append(row)
                     print(

@@ -235,7 +235,7 @@ class HAMTLMConfig(BaseConfig):
     decay_rate: float = 0.95
     aux_loss_weight: float = 0.01
     conv_kernel: int = 4
-    chunk_size: int = 64
+    chunk_size: int = 32
     mlp: str = "swiglu"
     mlp_hidden: int = 0
     norm: str = "rmsnorm"
@@ -310,7 +310,7 @@ class HAMTConfig:
     dropout: float = 0.0
     max_seq_len: int = 2048
     bptt_horizon: int = 512
-    chunk_size: int = 64
+    chunk_size: int = 32
     conv_kernel: int = 4
 
     def __post_init__(self) -> None:
@@ -384,6 +384,8 @@ class HolographicMemoryMixer(nn.Module):
     def reset_special_parameters(self) -> None:
         """Inits the generic init (normal weights, zero biases) must not override."""
         self.conv.reset_parameters()
+        with torch.no_grad():  # a shared conv bias would add one common direction to every value and key
+            self.conv.bias.zero_()
         # Slot s forgets -log(decay_rate) * 2^-s per token at init: time scales 1/(1-r), 2/(1-r), ...
         forget = -math.log(self.cfg.decay_rate) * 0.5 ** torch.arange(self.num_slots, dtype=torch.float32)
         with torch.no_grad():
@@ -542,7 +544,8 @@ class HAMTModel(nn.Module):
             raise TypeError(f"cache: expected a HAMTCache (from a previous call), got {type(cache).__name__}")
         if cache is not None and len(cache.layers) != self.config.n_layers:
             raise ValueError(f"cache: has {len(cache.layers)} layers, model has n_layers={self.config.n_layers}")
-        want_aux = labels is not None
+        # The retention loss costs a pass over the chunk states: skipped when it has no weight.
+        want_aux = labels is not None and self.config.aux_loss_weight > 0
         new_cache = HAMTCache(self.config.n_layers) if (use_cache or cache is not None) else None
         x = self.drop(self.embed(input_ids))
         aux_terms = []
