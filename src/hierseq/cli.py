@@ -196,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from hierseq.demo import run_demo
 
-    run_demo(out_dir=args.out, train_seconds=args.train_seconds)
+    run_demo(out_dir=args.out, models=_split_list(args.models))
     return 0
 
 
@@ -285,7 +285,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the control on the embedded corpus and report (make demo)")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--train-seconds", type=float, default=240.0)
+    p.add_argument("--models", help="comma-separated causal LMs or variants (default: every causal LM)")
     p.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown + plot under runs/)")

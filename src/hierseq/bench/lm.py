@@ -34,6 +34,10 @@ class LMBenchSize:
 CONTROL_HEADS = 4
 
 SIZES = {
+    # demo: what `make demo` runs for every causal LM; the time cap only guards against a pathological model.
+    "demo": LMBenchSize(
+        d_model=128, n_layers=4, seq_len=256, batch_size=16, steps=120, max_time_s=120.0, seeds=(0,), eval_batches=8
+    ),
     "quick": LMBenchSize(
         d_model=128, n_layers=4, seq_len=256, batch_size=16, steps=150, max_time_s=150.0, seeds=(0,), eval_batches=10
     ),
