@@ -15,15 +15,6 @@ from hierseq.layers.selective_scan import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops: one intra-op thread avoids spin contention on a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_inputs(batch: int, length: int, channels: int, d_state: int, seed: int, with_h0: bool = False):
     """Random scan inputs like a Mamba mixer produces them (delta = softplus(...) > 0, A < 0)."""
     gen = torch.Generator().manual_seed(seed)

@@ -19,15 +19,6 @@ from hierseq.layers.simplex import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: on a shared 2-core machine two intra-op threads cost more than the arithmetic."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def random_scores(rows: int, size: int, seed: int, spread: float = 2.0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(rows, size, generator=gen, dtype=torch.float64) * spread

@@ -13,15 +13,6 @@ from hierseq.layers.ssm import MambaMixer
 from hierseq.models.mamba import MambaCache, MambaConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops: one intra-op thread avoids spin contention on a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_mamba(seed: int = 0, **over):
     torch.manual_seed(seed)
     return hierseq.build_model("mamba", vocab_size=32, d_model=16, n_layers=2, d_state=4, **over).eval()

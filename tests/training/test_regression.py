@@ -21,15 +21,6 @@ from hierseq.training.regression import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tests run many small ops: one intra-op thread avoids spin contention on a busy 2-core CI box."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_first_differences_are_causal_and_exact() -> None:
     x = torch.tensor([[[1.0], [4.0], [2.0]]])
     out = add_first_differences(x)
