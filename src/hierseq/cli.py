@@ -238,6 +238,68 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_recall(args: argparse.Namespace) -> int:
+    from hierseq.bench.recall import run_recall_bench
+
+    kwargs = dict(
+        out_dir=args.out,
+        seq_len=args.seq_len,
+        n_pairs=args.n_pairs,
+        vocab_size=args.vocab_size,
+        steps=args.steps,
+        n_layers=args.n_layers,
+    )
+    for key, text, cast in (
+        ("models", args.models, str),
+        ("widths", args.widths, int),
+        ("lrs", args.lrs, float),
+        ("seeds", args.seeds, int),
+    ):
+        values = _split_list(text, cast)
+        if values:
+            kwargs[key] = values
+    run_recall_bench(**kwargs)
+    return 0
+
+
+def cmd_bench_signals(args: argparse.Namespace) -> int:
+    from hierseq.bench.signals import run_signals_bench
+
+    run_signals_bench(
+        out_dir=args.out,
+        quick=args.quick,
+        seeds=_split_list(args.seeds, int) or (0, 1, 2),
+        tasks=_split_list(args.tasks),
+        models=_split_list(args.models),
+        threads=args.threads,
+    )
+    return 0
+
+
+def cmd_bench_recon(args: argparse.Namespace) -> int:
+    from hierseq.bench.recon import run_recon_bench
+
+    run_recon_bench(
+        out_dir=args.out,
+        quick=not args.full,
+        seeds=_split_list(args.seeds, int) or (0,),
+        threads=args.threads,
+        skip_speed=args.skip_speed,
+        tasks=_split_list(args.tasks) or ("bytes", "signal"),
+    )
+    return 0
+
+
+def cmd_bench_mamba_peer(args: argparse.Namespace) -> int:
+    from hierseq.bench.mamba_peer import run_generation_cost_bench, run_mamba_peer_bench
+
+    run_mamba_peer_bench(
+        out_dir=args.out, length=args.length, batch=args.batch, repeats=args.repeats, command="hierseq bench mamba-peer"
+    )
+    run_generation_cost_bench(out_dir=args.out, command="hierseq bench mamba-peer")
+    return 0
+
+
 # ---------------------------------------------------------------------------- parser
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hierseq", description="Hierarchical sequence models, measured honestly.")
@@ -300,6 +362,44 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
     p.add_argument("--out", default="runs/bench/lm")
     p.set_defaults(func=cmd_bench_lm)
+
+    p = bench_sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy vs width")
+    p.add_argument("--models", help="comma-separated causal LMs or variants (default: hamt,linear_attn,transformer)")
+    p.add_argument("--widths", help="comma-separated d_model values (default 64)")
+    p.add_argument("--lrs", help="comma-separated learning rates to sweep (default 1e-3,3e-3)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--n-pairs", type=int, default=4, help="key-value pairs per sequence")
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--n-layers", type=int, default=2)
+    p.add_argument("--out", default="runs/bench/recall")
+    p.set_defaults(func=cmd_bench_recall)
+
+    p = bench_sub.add_parser("signals", help="HiSS vs flat models on synthetic sensor tasks (MSE)")
+    p.add_argument("--quick", action="store_true", help="smoke size: seconds, numbers meaningless")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--tasks", help="comma-separated tasks (default: all)")
+    p.add_argument("--models", help="comma-separated model kinds (default: all)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="runs/bench/signals")
+    p.set_defaults(func=cmd_bench_signals)
+
+    p = bench_sub.add_parser("recon", help="HAMA vs flat masked autoencoder: reconstruction and speed")
+    p.add_argument("--full", action="store_true", help="longer training (default: quick)")
+    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    p.add_argument("--tasks", help="comma-separated: bytes,signal (default both)")
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="runs/bench/recon")
+    p.set_defaults(func=cmd_bench_recon)
+
+    p = bench_sub.add_parser("mamba-peer", help="our Mamba vs PyPI mambapy (same shapes, same process)")
+    p.add_argument("--length", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="runs/bench/mamba")
+    p.set_defaults(func=cmd_bench_mamba_peer)
 
     p = bench_sub.add_parser("speed", help="time and memory vs sequence length")
     p.add_argument("--out", default="runs/bench/speed")
