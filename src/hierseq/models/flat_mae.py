@@ -124,9 +124,10 @@ class FlatMAE(nn.Module):
         # Visible positions in increasing order: every row has the same count, so one gather does it.
         visible_idx = (~mask).to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, : L - int(mask[0].sum())]
         latents = self.encoder(h.gather(1, visible_idx[..., None].expand(-1, -1, D)))
-        # Decoder input: mask token + position everywhere, encoded tokens scattered back at visible slots.
-        queries = self.positional(self.mask_token.expand(B, L, D))
-        full = queries.scatter(1, visible_idx[..., None].expand(-1, -1, D), latents)
+        # Decoder input (as in MAE): encoded tokens back at their slots, the mask token elsewhere, and the
+        # position added to every token so the decoder knows where each latent sits.
+        full = self.mask_token.expand(B, L, D).scatter(1, visible_idx[..., None].expand(-1, -1, D), latents)
+        full = self.positional(full)
         reconstruction = self.head(self.head_norm(self.decoder(full)))
         loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)
         return MaskedAEOutput(reconstruction=reconstruction, loss=loss, mask=mask, aux_loss=loss.new_zeros(()))
