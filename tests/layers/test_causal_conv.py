@@ -150,3 +150,18 @@ def test_bad_arguments_raise_value_error():
         layer.step(torch.zeros(2, 3), layer.initial_state(2))
     with pytest.raises(ValueError, match="state shape"):
         layer.step(torch.zeros(2, 4), layer.initial_state(3))
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 4])
+def test_shifted_forward_equals_grouped_conv1d_reference_values_and_gradients(kernel_size):
+    torch.manual_seed(0)
+    conv = CausalDepthwiseConv1d(5, kernel_size)
+    x = torch.randn(2, 9, 5, requires_grad=True)
+    for state in (None, torch.randn(2, 5, kernel_size - 1)):
+        y = conv(x, state)
+        y_ref = conv.forward_reference(x, state)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        grads = torch.autograd.grad(y.square().sum(), (x, conv.weight))
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, conv.weight))
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)

@@ -10,13 +10,11 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.layers.causal_conv import CausalDepthwiseConv1d
 from hierseq.models.hamt import (
     HAMTCache,
     HAMTConfig,
     HAMTLMConfig,
     HAMTModel,
-    shifted_causal_conv,
     slot_memory_chunked,
     slot_memory_reference,
     slot_memory_step,
@@ -96,19 +94,6 @@ def test_slot_memory_step_by_hand() -> None:
     # slot 0: 0.5 * [2, 2] + 1 * [1, 2] = [2, 3]; slot 1: 1 * [4, 0] + 0.5 * [1, 2] = [4.5, 1]
     torch.testing.assert_close(new_state, torch.tensor([[[2.0, 3.0], [4.5, 1.0]]]))
     torch.testing.assert_close(out_t, torch.tensor([[2.0 + 9.0, 3.0 + 2.0]]))
-
-
-@pytest.mark.parametrize("kernel", [1, 2, 4])
-def test_shifted_conv_matches_conv_module(kernel: int) -> None:
-    torch.manual_seed(0)
-    conv = CausalDepthwiseConv1d(5, kernel)
-    x = torch.randn(2, 9, 5)
-    state = torch.randn(2, 5, kernel - 1)
-    for s in (None, state):
-        y, new_state = shifted_causal_conv(conv, x, s)
-        y_ref, new_state_ref = conv(x, s, return_state=True)
-        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(new_state, new_state_ref)
 
 
 # ------------------------------------------------------------------------- model: paths and contract

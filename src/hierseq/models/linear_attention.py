@@ -42,7 +42,6 @@ from ..losses import causal_lm_loss
 from ..outputs import CausalLMOutput
 from ..registry import register
 from ..validation import check_input_ids, check_labels
-from .hamt import shifted_causal_conv
 
 __all__ = [
     "LinearAttentionCache",
@@ -194,7 +193,7 @@ class LinearAttention(nn.Module):
             qkv_t, conv_state = self.conv.step(self.in_proj(x[:, 0]), conv_state)
             out, memory = linear_attention_step(*self._split(qkv_t), memory)
             return self.out_proj(out.flatten(-2)).unsqueeze(1), (conv_state, memory)
-        qkv, conv_state = shifted_causal_conv(self.conv, self.in_proj(x), conv_state)
+        qkv, conv_state = self.conv(self.in_proj(x), conv_state, return_state=True)
         q, k, v = (t.transpose(1, 2) for t in self._split(qkv))  # [B, H, L, *]
         out, memory = linear_attention_chunked(q, k, v, memory, self.cfg.chunk_size)
         return self.out_proj(out.transpose(1, 2).flatten(-2)), (conv_state, memory)
