@@ -96,3 +96,29 @@ def test_train_eval_generate_end_to_end(tmp_path: Path) -> None:
     proc = run_cli("generate", str(out), "--prompt", "the quick", "--max-new-tokens", "20", "--temperature", "0")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("the quick") and len(proc.stdout.rstrip("\n")) >= len("the quick")
+
+
+def test_train_dispatches_masked_autoencoders_to_the_masked_trainer(tmp_path: Path) -> None:
+    text = tmp_path / "corpus.txt"
+    text.write_text("pack my box with five dozen liquor jugs. " * 300)
+    out = tmp_path / "hama_run"
+    sets = [
+        "seq_len=64",
+        "batch_size=2",
+        "max_steps=2",
+        "eval_batches=1",
+        "eval_batch_size=2",
+        "model.d_model=32",
+        "model.n_heads=2",
+        "model.n_layers=1",
+        "model.nodes_per_layer=[2]",
+        "model.partition_lengths=[16]",
+        "model.n_masks=[4]",
+    ]
+    proc = run_cli(
+        "train", "--model", "hama", "--data", str(text), "--out", str(out), *sum((["--set", s] for s in sets), [])
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "masked_acc" in proc.stdout
+    assert (out / "metrics.jsonl").is_file()
+    assert_one_line_error(run_cli("train", "--model", "hama", "--resume", cwd=tmp_path), "--resume")

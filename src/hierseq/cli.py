@@ -62,8 +62,12 @@ def _load_yaml_mapping(path: str) -> dict[str, Any]:
 
 
 def build_train_config(args: argparse.Namespace):
-    """TrainConfig from (YAML file) <- (--model, --data, --out, --resume flags) <- (--set overrides)."""
+    """The run's config from (YAML file) <- (--model, --data, --out, --resume flags) <- (--set overrides).
+
+    A causal LM gets a :class:`~hierseq.training.trainer.TrainConfig`; a masked autoencoder (hama,
+    flat_mae) a :class:`~hierseq.training.masked.MaskedTrainConfig`: the model's kind decides."""
     import hierseq
+    from hierseq.training.masked import MaskedTrainConfig
     from hierseq.training.trainer import TrainConfig
 
     data: dict[str, Any] = _load_yaml_mapping(args.config) if args.config else {}
@@ -74,14 +78,20 @@ def build_train_config(args: argparse.Namespace):
         data["data"] = args.data
     if args.out:
         data["out_dir"] = args.out
-    if args.resume:
-        data["resume"] = True
     train_over, model_over = parse_overrides(args.set or [])
     data.update(train_over)
     data["model_config"] = {**(data.get("model_config") or {}), **model_over}
-    cfg = TrainConfig.from_dict(data)
-    # Validate the model part now, so a bad model field fails before any data is loaded.
-    hierseq.build_config(cfg.model, **cfg.model_config)
+    kind = hierseq.get_entry(data.get("model", "transformer")).kind
+    if kind == "masked_ae":
+        if args.resume:
+            raise ValueError("--resume: masked-autoencoder runs do not checkpoint yet; rerun without --resume")
+        cfg = MaskedTrainConfig.from_dict(data)
+    else:
+        if args.resume:
+            data["resume"] = True
+        cfg = TrainConfig.from_dict(data)
+        # Validate the model part now, so a bad model field fails before any data is loaded.
+        hierseq.build_config(cfg.model, **cfg.model_config)
     if cfg.data is not None and not Path(cfg.data).exists():
         raise FileNotFoundError(f"data={cfg.data!r}: no such file or directory")
     return cfg
@@ -117,9 +127,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from hierseq.training.masked import MaskedTrainConfig, train_masked
     from hierseq.training.trainer import train
 
     cfg = build_train_config(args)
+    if isinstance(cfg, MaskedTrainConfig):
+        result = train_masked(cfg)
+        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if isinstance(v, float))
+        print(f"done: step {result['steps']}, validation {metrics} -> {cfg.out_dir or '(not saved: no out_dir)'}")
+        return 0
     result = train(cfg)
     print(
         f"done: step {result['step']}, val loss {result['val_loss']:.4f} nats, "
@@ -312,7 +328,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a causal LM (YAML config + overrides)")
+    p = sub.add_parser("train", help="train a causal LM or masked autoencoder (YAML config + overrides)")
     p.add_argument("--config", help="YAML file of TrainConfig fields (see configs/)")
     p.add_argument("--model", help="registered model name (overrides the config)")
     p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
