@@ -193,7 +193,7 @@ def test_small_hamt_learns_associative_recall() -> None:
     gen = torch.Generator().manual_seed(99)
     eval_set = [mqar_batch(200, 16, 2, 32, gen)]
     row = train_mqar(
-        "hamt:hcm_dim=64,num_slots=2,chunk_size=16", width=32, lr=1e-2, seed=0, eval_set=eval_set,
+        "hamt:hcm_dim=64+num_slots=2+chunk_size=16", width=32, lr=1e-2, seed=0, eval_set=eval_set,
         seq_len=16, n_pairs=2, vocab_size=32, steps=150, batch_size=32, eval_every=150,
     )  # fmt: skip
     chance = 1 / 16  # values are drawn from 16 tokens

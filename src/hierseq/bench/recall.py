@@ -26,25 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from ..config import config_error
 from ..data.synthetic import mqar_accuracy, mqar_batch, mqar_batches
+from .report import parse_model_spec
 
 #: the evaluation set is drawn from this seed for every run, so all models answer the same queries.
 EVAL_SEED = 1_000_003
-
-
-def parse_model_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:key=value,key=value"`` -> (registry name, overrides)."""
-    name, _, rest = spec.partition(":")
-    overrides: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise config_error("models", spec, "overrides must look like name:key=value,key=value")
-        overrides[key.strip()] = yaml.safe_load(value)
-    return name.strip(), overrides
 
 
 def _build(name: str, overrides: dict[str, Any], width: int, n_layers: int, vocab_size: int) -> torch.nn.Module:
@@ -102,7 +90,7 @@ def train_mqar(
 
     Stops early when a periodic evaluation (every ``eval_every`` steps; 0 = steps // 8) reaches
     ``stop_at`` accuracy, so solved settings do not burn the CPU budget."""
-    name, overrides = parse_model_spec(spec)
+    _, name, overrides = parse_model_spec(spec)
     torch.manual_seed(seed)
     model = _build(name, overrides, width, n_layers, vocab_size)
     model.train()
@@ -184,7 +172,7 @@ def run_recall_bench(
 
     causal = hierseq.list_models(kind="causal_lm")
     for spec in models:
-        name, _ = parse_model_spec(spec)
+        _, name, _ = parse_model_spec(spec)
         if name not in causal:
             raise config_error("models", spec, f"not a registered causal LM; choose from {causal}")
     for name, values in (("widths", widths), ("lrs", lrs), ("seeds", seeds), ("models", models)):
