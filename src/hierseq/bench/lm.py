@@ -143,7 +143,7 @@ def run_lm_bench(
             test = evaluate(model, corpus.test, spec.seq_len, spec.batch_size, spec.eval_batches)
             runs.append(
                 {
-                    "model": name,
+                    "model": label,
                     "seed": seed,
                     "config": over,
                     "n_params": result["n_params"],
