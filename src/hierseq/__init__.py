@@ -1,7 +1,7 @@
 """hierseq: hierarchical and sub-quadratic sequence models, measured honestly."""
 
 from .config import BaseConfig
-from .registry import build_config, build_model, get_entry, list_models, register
+from .registry import build_config, build_model, count_parameters, get_entry, list_models, register
 from .serialization import load, save
 
 __version__ = "0.1.0"
@@ -10,6 +10,7 @@ __all__ = [
     "BaseConfig",
     "build_config",
     "build_model",
+    "count_parameters",
     "generate",
     "get_entry",
     "list_models",

@@ -107,11 +107,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def count_parameters(model) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def cmd_info(args: argparse.Namespace) -> int:
     import hierseq
 
@@ -120,7 +115,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     model = hierseq.build_model(args.model, **overrides)
     entry = hierseq.get_entry(args.model)
     print(f"model: {args.model} ({entry.kind}, {type(model).__name__})")
-    print(f"parameters: {count_parameters(model):,}")
+    print(f"parameters: {hierseq.count_parameters(model):,}")
     print("config:")
     print(yaml.safe_dump(model.config.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ").join(["  ", ""]))
     return 0

@@ -90,5 +90,10 @@ def build_model(name: str, config: BaseConfig | None = None, **overrides: Any) -
     return entry.model_cls(config)
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters; a tied weight counts once (``parameters()`` de-duplicates shared tensors)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def model_kind(model: nn.Module) -> str:
     return model.model_kind

@@ -54,15 +54,11 @@ SIZES = {
 }
 
 
-def count_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def model_params(name: str, overrides: dict[str, Any]) -> int:
     import hierseq
 
     with torch.device("meta"):  # no memory, no init cost: we only count
-        return count_params(hierseq.build_model(name, **overrides))
+        return hierseq.count_parameters(hierseq.build_model(name, **overrides))
 
 
 def matched_overrides(name: str, target_params: int, n_layers: int, base: dict[str, Any] | None = None) -> dict:

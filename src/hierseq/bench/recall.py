@@ -29,6 +29,7 @@ import torch
 
 from ..config import config_error
 from ..data.synthetic import mqar_accuracy, mqar_batch, mqar_batches
+from ..registry import count_parameters
 from .report import parse_model_spec
 
 #: the evaluation set is drawn from this seed for every run, so all models answer the same queries.
@@ -144,7 +145,7 @@ def train_mqar(
         "final_train_loss": statistics.fmean(tail),
         "history": history,
         "seconds": time.perf_counter() - t0,
-        "params": sum(p.numel() for p in model.parameters()),
+        "params": count_parameters(model),
         "state_floats_per_layer": state_floats(model, seq_len),
     }
 

@@ -59,10 +59,6 @@ def model_configs(d_model: int, n_heads: int) -> dict[str, tuple[str, dict[str, 
     return {"hama": ("hama", hama), "flat_mae": ("flat_mae", flat)}
 
 
-def _params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _random_mask_eval(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
     """Metrics of a HAMA model evaluated with random (position-fixed) instead of learned masks."""
     from ..training.masked import evaluate_masked
@@ -241,7 +237,7 @@ def run_recon_bench(
         report["models"][label] = {
             "registry": registry_name,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()},
-            "params_bytes_task": _params(hierseq.build_model(registry_name, **overrides)),
+            "params_bytes_task": hierseq.count_parameters(hierseq.build_model(registry_name, **overrides)),
         }
     report["unigram_baseline_acc"] = unigram_baseline_acc()
     bad = [t for t in tasks if t not in ("bytes", "signal")]

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..data.signals import SIGNAL_TASKS, make_signal_splits
-from ..registry import build_model
+from ..registry import build_model, count_parameters
 from ..training.regression import (
     RegressionPreprocessor,
     RegressionTrainConfig,
@@ -47,10 +47,6 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "full": {"n_train": 192, "n_val": 64, "n_test": 128, "length": 500, "epochs": 6, "params": 20000},
     "quick": {"n_train": 32, "n_val": 8, "n_test": 8, "length": 60, "epochs": 2, "params": 3000},
 }
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def matched_overrides(label: str, d_in: int, d_out: int, chunk_size: int, budget: int) -> dict[str, Any]:

@@ -29,7 +29,7 @@ import yaml
 from torch import nn
 
 from ..config import config_error
-from ..registry import build_config, build_model, get_entry
+from ..registry import build_config, build_model, count_parameters, get_entry
 
 TASKS = ("bytes", "signal")
 
@@ -237,7 +237,7 @@ def train_masked(
         cfg = dataclasses.replace(cfg, **overrides)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, **cfg.model_overrides())
-    params = sum(p.numel() for p in model.parameters())
+    params = count_parameters(model)
     if cfg.task == "bytes":
         from ..data.corpora import load_corpus
 

@@ -31,7 +31,7 @@ from ..config import config_error
 from ..data.corpora import load_corpus
 from ..data.loaders import RandomWindowLoader, StreamLoader, eval_windows
 from ..losses import nats_to_bits
-from ..registry import build_config, build_model, get_entry
+from ..registry import build_config, build_model, count_parameters, get_entry
 from ..serialization import WEIGHTS_NAME, load_state_exact
 from ..serialization import save as save_model
 from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
@@ -230,11 +230,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
         return lr_factor(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied weights counted once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
