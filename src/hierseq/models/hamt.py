@@ -55,6 +55,7 @@ from ..config import (
     config_error,
 )
 from ..layers.causal_conv import CausalDepthwiseConv1d
+from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import RMSNorm, make_norm
 from ..layers.scan import linear_scan
@@ -490,14 +491,12 @@ class HAMTModel(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        residual_out = ("mixer.out_proj.weight", "mlp.down.weight", "mlp.fc_out.weight")
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(residual_out) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        init_residual_scaled_(
+            self,
+            self.config.n_layers,
+            self.config.init_std,
+            ("mixer.out_proj.weight", "mlp.down.weight", "mlp.fc_out.weight"),
+        )
         for block in self.blocks:
             block.mixer.reset_special_parameters()
 

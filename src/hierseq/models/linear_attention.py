@@ -36,6 +36,7 @@ from ..config import (
     check_positive_int,
 )
 from ..layers.causal_conv import CausalDepthwiseConv1d
+from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import make_norm
 from ..losses import causal_lm_loss
@@ -233,16 +234,14 @@ class LinearAttentionLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        residual_out = ("attn.out_proj.weight", "mlp.down.weight", "mlp.fc_out.weight")
-        for name, p in self.named_parameters():
-            if name.endswith("conv.weight"):
-                continue  # keep the conv's own fan-in init
-            if p.dim() >= 2:
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(residual_out) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias") and not name.endswith("conv.bias"):
-                nn.init.zeros_(p)
+        # The short conv keeps its own fan-in init.
+        init_residual_scaled_(
+            self,
+            self.config.n_layers,
+            self.config.init_std,
+            ("attn.out_proj.weight", "mlp.down.weight", "mlp.fc_out.weight"),
+            skip=("conv.weight", "conv.bias"),
+        )
 
     def state_size(self) -> int:
         """Floats of recurrent state per layer and batch row: H * dk * (dv + 1) plus the conv window."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..config import BaseConfig, check_choice, check_divisible, check_positive_float, check_positive_int
 from ..layers.attention import CausalSelfAttention, KVCache
+from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import make_norm
 from ..losses import causal_lm_loss
@@ -99,15 +100,12 @@ class TransformerLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        residual_out = ("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight")
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                # GPT-2 style: residual-output projections scaled down by depth.
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(residual_out) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        init_residual_scaled_(
+            self,
+            self.config.n_layers,
+            self.config.init_std,
+            ("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight"),
+        )
 
     def forward(
         self,

@@ -36,6 +36,7 @@ from ..config import (
     check_positive_int,
     config_error,
 )
+from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import make_norm
 from ..layers.tree_attention import SIBLING_MODES, TreeAttention, TreeAttentionCache
@@ -146,15 +147,13 @@ class TreeLM(nn.Module):
             self.lm_head.weight = self.embed.weight
 
     def reset_parameters(self) -> None:
-        std = self.config.init_std
-        residual_outputs = ("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight")
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                # GPT-2 style, as in the transformer control: residual-output projections scaled by depth.
-                scale = (2 * self.config.n_layers) ** -0.5 if name.endswith(residual_outputs) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
+        # GPT-2 style, as in the transformer control.
+        init_residual_scaled_(
+            self,
+            self.config.n_layers,
+            self.config.init_std,
+            ("attn.out.weight", "mlp.down.weight", "mlp.fc_out.weight"),
+        )
 
     def forward(
         self,
