@@ -232,6 +232,9 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
         d_model=args.d_model,
         n_layers=args.n_layers,
         batch_size=args.batch_size,
+        gen_contexts=_split_list(args.gen_contexts, int) or [],
+        gen_tokens=args.gen_tokens,
+        peers=args.peers,
     )
     return 0
 
@@ -425,6 +428,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument(
+        "--gen-contexts",
+        default="1024,4096,16384",
+        help="comma-separated context lengths for the cached generation cost per new token ('' or 0: skip)",
+    )
+    p.add_argument("--gen-tokens", type=int, default=64, help="timed cached steps per generation context")
+    p.add_argument(
+        "--peers",
+        action="store_true",
+        help="also time the PyPI peers (x-transformers, mambapy, h-transformer-1d, torch-hd) at the same shapes "
+        "(pip install 'hierseq[peers]')",
+    )
     p.set_defaults(func=cmd_bench_speed)
     return parser
 

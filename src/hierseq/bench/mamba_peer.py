@@ -19,30 +19,17 @@ import argparse
 import json
 import platform
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..registry import build_model
+from .generation_cost import measure_generation
 from .memory import peak_memory
-
-
-def _median_time(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def _fwd_bwd(module: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
-        module.zero_grad(set_to_none=True)
-        out = module(x)
-        out.pow(2).mean().backward()
-
-    return step
+from .peers import fwd_bwd_step, mambapy_pair
+from .sweep import time_alternated
 
 
 def _machine() -> str:
@@ -61,25 +48,17 @@ def run_mamba_peer_bench(
 ) -> dict[str, Any]:
     """Time forward + backward of ours vs mambapy at one shape; write mamba_peer.json / .md."""
     torch.manual_seed(seed)
-    ours = build_model("mamba", d_model=d_model, n_layers=n_layers).backbone.train()
-    contenders: dict[str, torch.nn.Module] = {"hierseq": ours}
     peer_note = ""
     try:
-        from mambapy.mamba import Mamba as PeerMamba
-        from mambapy.mamba import MambaConfig as PeerConfig
-
-        contenders["mambapy"] = PeerMamba(PeerConfig(d_model=d_model, n_layers=n_layers, pscan=True)).train()
+        ours, theirs = mambapy_pair(d_model, n_layers)
+        contenders: dict[str, torch.nn.Module] = {"hierseq": ours.train(), "mambapy": theirs.train()}
     except ImportError:
+        contenders = {"hierseq": build_model("mamba", d_model=d_model, n_layers=n_layers).backbone.train()}
         peer_note = "mambapy not installed (pip install --no-deps mambapy): only ours was timed."
     x = torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(seed))
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in contenders.items()}
-    steps = {k: _fwd_bwd(m, x) for k, m in contenders.items()}
-    for step in steps.values():  # warm-up
-        step()
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    for _ in range(repeats):
-        for k, step in steps.items():  # alternate so load changes hit both
-            times[k].append(_median_time(step))
+    steps = {k: fwd_bwd_step(m, x) for k, m in contenders.items()}
+    times = time_alternated(steps, repeats, torch.device("cpu"))
     memory = {}
     for k, step in steps.items():
         with peak_memory(torch.device("cpu")) as mem:
@@ -136,23 +115,12 @@ def run_generation_cost_bench(
         over = {"d_model": d_model, "n_layers": n_layers}
         if name == "transformer":
             over["n_heads"] = max(1, d_model // 64)
-        model = build_model(name, **over).eval()
-        vocab = model.config.vocab_size
+        model = build_model(name, **over)
         for context in contexts:
-            ids = torch.randint(0, vocab, (1, context), generator=torch.Generator().manual_seed(seed))
-            with torch.no_grad():
-                out = model(ids, use_cache=True)
-                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                out = model(token, cache=cache, use_cache=True)  # warm-up step
-                cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                per_token = []
-                for _ in range(new_tokens):
-                    t0 = time.perf_counter()
-                    out = model(token, cache=cache, use_cache=True)
-                    cache, token = out.cache, out.logits[:, -1].argmax(-1, keepdim=True)
-                    per_token.append(time.perf_counter() - t0)
-            rows.append({"model": name, "context": context, "ms_per_token": 1e3 * statistics.median(per_token)})
-            del cache, out
+            cost = measure_generation(model, context, new_tokens, seed)
+            rows.append(
+                {"model": name, "context": context, "status": cost["status"], "ms_per_token": cost.get("ms_per_token")}
+            )
     result = {"rows": rows, "new_tokens": new_tokens, "machine": _machine(), "command": command}
     lines = [
         "# Generation cost per token vs context length",
@@ -164,8 +132,10 @@ def run_generation_cost_bench(
         "|---|" + "---:|" * len(contexts),
     ]
     for name in models:
-        vals = [r["ms_per_token"] for r in rows if r["model"] == name]
-        lines.append(f"| {name} | " + " | ".join(f"{v:.2f} ms" for v in vals) + " |")
+        cells = [
+            f"{r['ms_per_token']:.2f} ms" if r["status"] == "ok" else r["status"] for r in rows if r["model"] == name
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     _write(out_dir, "generation_cost", result, lines)
     return result
 
