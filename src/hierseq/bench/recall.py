@@ -181,6 +181,10 @@ def run_recall_bench(
             raise config_error(name, list(values), "must not be empty")
     if steps < 1:
         raise config_error("steps", steps, "must be >= 1")
+    if batch_size < 1:
+        raise config_error("batch_size", batch_size, "must be >= 1")
+    if not 0.0 < stop_at <= 1.0:
+        raise config_error("stop_at", stop_at, "must be in (0, 1]")
     generator = torch.Generator().manual_seed(EVAL_SEED)
     eval_batch = min(250, eval_examples)
     eval_set = [
@@ -229,6 +233,9 @@ def run_recall_bench(
                     "best_lr": best_lr,
                     "accuracy": by_lr[best_lr],
                     "accuracy_by_lr": by_lr,
+                    "steps_run": [
+                        r["steps_run"] for r in rows if (r["model"], r["width"], r["lr"]) == (spec, width, best_lr)
+                    ],
                     "params": example["params"],
                     "state_floats_per_layer": example["state_floats_per_layer"],
                 }
@@ -271,13 +278,14 @@ def _markdown(report: dict[str, Any]) -> str:
         f"lrs {s['lrs']}, seeds {s['seeds']}, {s['eval_examples']} eval sequences; accuracy of the best lr "
         "(mean over seeds). State: floats per layer and sequence (attention: KV cache at L).",
         "",
-        "| model | width | accuracy | best lr | accuracy per lr | state floats/layer | params |",
-        "|---|---|---|---|---|---|---|",
+        "| model | width | accuracy | best lr | steps run (best lr) | accuracy per lr | state floats/layer | params |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in report["summary"]:
         per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in r["accuracy_by_lr"].items())
         lines.append(
-            f"| {r['model']} | {r['width']} | {r['accuracy']:.4f} | {r['best_lr']:g} | {per_lr} "
+            f"| {r['model']} | {r['width']} | {r['accuracy']:.4f} | {r['best_lr']:g} "
+            f"| {', '.join(map(str, r['steps_run']))} | {per_lr} "
             f"| {r['state_floats_per_layer']} | {r['params']:,} |"
         )
     return "\n".join(lines) + "\n"
