@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,14 +10,18 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.bench.signals import matched_overrides, run_signals_bench
+from hierseq.bench.signals import matched_overrides, run_signals_bench, summarise, verdicts
 from hierseq.data.signals import make_signal_splits
 from hierseq.training.regression import (
+    LinearChunkBaseline,
+    RegressionData,
     RegressionPreprocessor,
     RegressionTrainConfig,
     Standardizer,
     add_first_differences,
+    chunk_history_features,
     evaluate_regression,
+    prediction_mse,
     train_regression,
 )
 
@@ -52,13 +57,73 @@ def test_training_hiss_beats_the_mean_predictor() -> None:
     assert after < 0.8 * before and after < 0.9  # 1.0 = predicting the training mean
 
 
+def test_prediction_mse_is_masked() -> None:
+    y = torch.tensor([[[1.0], [2.0], [3.0]]])
+    data = RegressionData(torch.zeros(1, 30, 1), y, torch.tensor([[True, True, False]]))
+    assert prediction_mse(torch.zeros_like(y), data) == pytest.approx((1 + 4) / 2)
+    assert prediction_mse(y.numpy(), data) == 0.0
+
+
+def test_chunk_history_features_are_causal() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 40, 3)
+    f = chunk_history_features(x, 10)
+    assert f.shape == (2, 4, 10 * 3 + 2 * 3 + 2)
+    torch.testing.assert_close(f[:, 1, :30], x[:, 10:20].reshape(2, 30).double())
+    changed = x.clone()
+    changed[:, 20:] += 1.0
+    g = chunk_history_features(changed, 10)
+    torch.testing.assert_close(g[:, :2], f[:, :2])
+    assert not torch.allclose(g[:, 2:], f[:, 2:])
+
+
+def test_linear_baseline_learns_a_running_sum() -> None:
+    """A target that is a linear function of the running input sum is fitted almost exactly."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 50, 2, generator=gen)
+    y = (x.cumsum(dim=1)[:, 9::10] @ torch.tensor([[1.0], [-2.0]])) / 10
+    mask = torch.ones(64, 5, dtype=torch.bool)
+    train, val = RegressionData(x[:48], y[:48], mask[:48]), RegressionData(x[48:], y[48:], mask[48:])
+    baseline = LinearChunkBaseline(10).fit(train, val)
+    assert baseline.ridge == min(LinearChunkBaseline.RIDGES)
+    assert prediction_mse(baseline.predict(val.x), val) < 1e-3 * float(val.y.var())
+    with pytest.raises(RuntimeError, match="fit"):
+        LinearChunkBaseline(10).predict(x)
+
+
 def test_matched_parameter_counts_are_close() -> None:
     counts = {}
-    for label in ("hiss", "mamba", "lstm", "transformer"):
-        name = "hiss" if label == "hiss" else "flat_regressor"
+    for label in ("hiss", "hiss_h2", "mamba", "lstm", "transformer"):
+        name = "hiss" if label.startswith("hiss") else "flat_regressor"
         over = matched_overrides(label, 6, 4, 10, 20000)
         counts[label] = sum(p.numel() for p in hierseq.build_model(name, **over).parameters())
     assert max(counts.values()) / min(counts.values()) < 1.2, counts
+
+
+def test_summary_compares_the_best_hiss_variant_with_the_best_flat_model() -> None:
+    def run(model: str, seed: int, mse: float, kind: str = "model") -> dict:
+        return {
+            "task": "t",
+            "model": model,
+            "kind": kind,
+            "seed": seed,
+            "params": 1,
+            "test_mse": mse,
+            "train_seconds": 1,
+        }
+
+    runs = [run("hiss", s, 0.5 + s) for s in (0, 1)] + [run("hiss_h2", s, 0.3 + s) for s in (0, 1)]
+    runs += [run("lstm", s, 0.4 + s) for s in (0, 1)] + [run("mamba", s, 0.6 + s) for s in (0, 1)]
+    runs += [run("mean", s, 1.0, "reference") for s in (0, 1)]
+    rows = {r["model"]: r for r in summarise(runs)}
+    assert [r["model"] for r in summarise(runs)] == ["hiss", "hiss_h2", "mamba", "lstm", "mean"]
+    assert rows["hiss_h2"]["test_mse_mean"] == pytest.approx(0.8) and rows["hiss"]["test_mse_std"] > 0
+    assert rows["mean"]["best_flat"] == "lstm" and rows["mean"]["best_hiss"] == "hiss_h2"
+    assert rows["hiss"]["vs_best_flat"] == pytest.approx(1.0 / 0.9 - 1)
+    assert rows["lstm"]["hiss_vs_best_flat"] == pytest.approx(0.8 / 0.9 - 1)  # -11%: not the paper's -23%
+    assert "**not reproduced**" in verdicts(list(rows.values()))["t"]
+    runs = [r for r in runs if r["model"] != "hiss"] + [run("hiss", s, 0.3) for s in (0, 1)]
+    assert "**reproduced**" in verdicts(summarise(runs))["t"]  # hiss 0.3 vs lstm 0.9: -67%
 
 
 def test_signals_bench_writes_json_and_markdown(tmp_path) -> None:
@@ -73,11 +138,22 @@ def test_signals_bench_writes_json_and_markdown(tmp_path) -> None:
         progress=False,
     )
     data = json.loads((tmp_path / "signals.json").read_text())
-    assert len(data["runs"]) == 4 and len(data["rows"]) == 2
-    assert {r["model"] for r in report["rows"]} == {"hiss", "lstm"}
+    # 2 models x 2 seeds trained, plus the mean / linear / analytic references per seed
+    assert len(data["runs"]) == 4 + 6 and len(data["rows"]) == 2 + 3
+    assert {r["model"] for r in report["rows"]} == {"hiss", "lstm", "mean", "linear", "analytic"}
     assert all(r["seeds"] == 2 and r["test_mse_std"] >= 0 for r in report["rows"])
+    rows = {r["model"]: r for r in report["rows"]}
+    assert rows["analytic"]["test_mse_mean"] < 0.01 < rows["mean"]["test_mse_mean"]  # dead reckoning
+    assert rows["hiss"]["hiss_vs_best_flat"] == pytest.approx(
+        rows["hiss"]["test_mse_mean"] / rows["lstm"]["test_mse_mean"] - 1
+    )
     text = (tmp_path / "signals.md").read_text()
     assert "| imu_integration | hiss |" in text and "best flat model (lstm)" in text
+    assert "*analytic* (reference)" in text and "Quick mode" in text
+    assert "hierseq bench signals --quick --seeds 0,1 --tasks imu_integration --models hiss,lstm" in text
+    assert "paper's >= 23% lower MSE is **" in text
+    assert data["meta"]["machine"]["threads"] >= 1 and data["meta"]["seconds"] > 0
+    assert (tmp_path / "signals.png").is_file() or importlib.util.find_spec("matplotlib") is None
     with pytest.raises(ValueError, match="models="):
         run_signals_bench(tmp_path, quick=True, models=["s4"])
 

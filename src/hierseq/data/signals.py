@@ -14,6 +14,17 @@ has everything it needs and nothing more.
   sin(2p) and the noisy forcing u. Target: the hidden state [p, v].
 
 Every task returns a :class:`SignalTask` of float32 numpy arrays; nothing touches the network or disk.
+
+Reference estimators (:data:`REFERENCE_ESTIMATORS`) that know the physics and read only the noisy inputs,
+with the same causal alignment as the models (estimate k uses inputs up to the end of chunk k):
+
+* ``imu_integration``: dead reckoning - rotate the measured accelerations by the integrated gyro and
+  integrate twice, exactly as the generator does. Only sensor noise and bias separate it from the targets,
+  so it shows how predictable the targets are (about 0.005 in standardised units at the benchmark size).
+* ``hidden_dynamics``: local sensor inversion - the position that best explains both position sensors at
+  each step of the last chunk (Gauss-Newton), a straight line through those positions giving position and
+  velocity at the chunk end. It uses no dynamics model and no history beyond one chunk, so a model that
+  beats it has learned to filter over time.
 """
 
 from __future__ import annotations
@@ -187,6 +198,58 @@ def make_hidden_dynamics(
         ("tanh_p", "sin_2p", "forcing"),
         ("p", "v"),
     )
+
+
+def _last_chunks(x: np.ndarray, chunk_size: int) -> np.ndarray:
+    """x: [N, T, D] -> the full chunks [N, T // C, C, D] (float64)."""
+    n = x.shape[1] // chunk_size
+    return np.asarray(x[:, : n * chunk_size], dtype=np.float64).reshape(x.shape[0], n, chunk_size, x.shape[-1])
+
+
+def imu_dead_reckoning(x: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Analytic estimator for ``imu_integration``: heading = integrated gyro, world acceleration = the
+    measured body acceleration rotated by it, integrated twice (the generator's rectangle rule).
+    x: [N, T, 3] (acc_fwd, acc_lat, gyro_z) -> [N, T // C, 4] (px, py, vx, vy) at every chunk end.
+    Exact on noise-free inputs; sensor noise and bias make it drift."""
+    x = np.asarray(x, dtype=np.float64)
+    heading = np.cumsum(x[..., 2], axis=1) * DT
+    cos, sin = np.cos(heading), np.sin(heading)
+    acc_fwd, acc_lat = x[..., 0], x[..., 1]
+    world = np.stack((cos * acc_fwd - sin * acc_lat, sin * acc_fwd + cos * acc_lat), axis=-1)
+    velocity = np.cumsum(world, axis=1) * DT
+    position = np.cumsum(velocity, axis=1) * DT
+    return _chunk_targets(np.concatenate((position, velocity), axis=-1), chunk_size)
+
+
+def dynamics_sensor_inversion(x: np.ndarray, chunk_size: int) -> np.ndarray:
+    """Local reference for ``hidden_dynamics`` (no dynamics model, one chunk of history).
+    x: [N, T, 3] (tanh_p, sin_2p, forcing) -> [N, T // C, 2] (p, v) at every chunk end.
+
+    At each step of chunk k, p is the least-squares solution of tanh(p) = s1, sin(2p) = s2 (the best of a
+    grid over [-4, 4] in steps of 0.005); a least-squares line through the C positions gives p and
+    v = dp/dt at the chunk end."""
+    chunks = _last_chunks(x, chunk_size)
+    s1, s2 = chunks[..., 0], chunks[..., 1]
+    grid = np.linspace(-4.0, 4.0, 1601)
+    flat1, flat2 = s1.reshape(-1, 1), s2.reshape(-1, 1)
+    p = np.empty(flat1.shape[0])
+    for start in range(0, flat1.shape[0], 4096):  # bounded memory: 4096 x 1601 residuals at a time
+        sl = slice(start, start + 4096)
+        cost = (flat1[sl] - np.tanh(grid)) ** 2 + (flat2[sl] - np.sin(2 * grid)) ** 2
+        p[sl] = grid[cost.argmin(axis=1)]
+    p = p.reshape(s1.shape)
+    t = (np.arange(chunk_size) - (chunk_size - 1)) * DT  # time relative to the chunk's last step
+    t_mean = t.mean()
+    p_mean = p.mean(axis=-1)
+    slope = ((t - t_mean) * (p - p_mean[..., None])).sum(axis=-1) / max(((t - t_mean) ** 2).sum(), 1e-12)
+    return np.stack((p_mean - slope * t_mean, slope), axis=-1)
+
+
+#: task -> (description, estimator(x [N, T, D_in], chunk_size) -> [N, T // C, D_out] in raw target units).
+REFERENCE_ESTIMATORS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = {
+    "imu_integration": ("dead reckoning (exact double integration of the noisy IMU)", imu_dead_reckoning),
+    "hidden_dynamics": ("sensor inversion (last chunk only, no dynamics model)", dynamics_sensor_inversion),
+}
 
 
 SIGNAL_TASKS: dict[str, Callable[..., SignalTask]] = {

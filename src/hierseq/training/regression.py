@@ -140,6 +140,19 @@ def _as_tensors(x: Any, y: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor, 
     return x, y, mask
 
 
+def _squared_error_sum(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """(sum of squared errors over the labelled targets, number of labelled values). pred, y: [N, n, D]."""
+    m = mask.unsqueeze(-1).expand_as(pred).to(pred.dtype)
+    return float(((pred - y.to(pred.dtype)).pow(2) * m).sum()), float(m.sum())
+
+
+def prediction_mse(prediction: Any, data: RegressionData) -> float:
+    """Masked MSE of a given prediction [N, n, D_out] (standardised units, like ``data.y``) - for
+    estimators that are not models (mean predictor, linear and analytic references)."""
+    total, count = _squared_error_sum(torch.as_tensor(np.asarray(prediction), dtype=torch.float64), data.y, data.mask)
+    return total / max(count, 1.0)
+
+
 @torch.no_grad()
 def evaluate_regression(model: nn.Module, data: RegressionData, batch_size: int = 32) -> float:
     """Masked MSE over all labelled targets of ``data`` (standardised units), in eval mode."""
@@ -149,13 +162,77 @@ def evaluate_regression(model: nn.Module, data: RegressionData, batch_size: int 
     try:
         for start in range(0, data.x.shape[0], batch_size):
             sl = slice(start, start + batch_size)
-            pred = model(data.x[sl]).prediction
-            m = data.mask[sl].unsqueeze(-1).expand_as(pred).to(pred.dtype)
-            total += float(((pred - data.y[sl]).pow(2) * m).sum())
-            count += float(m.sum())
+            part_total, part_count = _squared_error_sum(model(data.x[sl]).prediction, data.y[sl], data.mask[sl])
+            total += part_total
+            count += part_count
     finally:
         model.train(was_training)
     return total / max(count, 1.0)
+
+
+def chunk_history_features(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Causal hand-made features for a linear reference. x: [N, T, D] -> [N, T // C, C * D + 2 * D + 2]:
+    at the end of chunk k, the chunk's own C input steps, the running sum and the running double sum of
+    the inputs (a linear integrator's state) up to that step, and the chunk's relative time and its square."""
+    x = x.to(torch.float64)
+    batch, length, d = x.shape
+    n = length // chunk_size
+    ends = torch.arange(chunk_size - 1, n * chunk_size, chunk_size)
+    once = x.cumsum(dim=1) / length
+    twice = once.cumsum(dim=1) / length
+    time = (torch.arange(1, n + 1, dtype=torch.float64) / n).expand(batch, n)
+    return torch.cat(
+        (
+            x[:, : n * chunk_size].reshape(batch, n, chunk_size * d),
+            once[:, ends],
+            twice[:, ends],
+            time.unsqueeze(-1),
+            time.unsqueeze(-1) ** 2,
+        ),
+        dim=-1,
+    )
+
+
+class LinearChunkBaseline:
+    """Ridge regression from :func:`chunk_history_features` to the targets: what a linear integrator can
+    do with the same inputs and alignment as the models. ``fit`` picks the ridge strength on ``val``."""
+
+    RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # times the number of labelled training chunks
+
+    def __init__(self, chunk_size: int) -> None:
+        check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        self.features: Standardizer | None = None
+        self.weight: torch.Tensor | None = None
+        self.ridge: float | None = None
+
+    def _design(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.features is not None
+        f = self.features(chunk_history_features(x, self.chunk_size))
+        return torch.cat((f, torch.ones(*f.shape[:-1], 1, dtype=f.dtype)), dim=-1)
+
+    def fit(self, train: RegressionData, val: RegressionData) -> LinearChunkBaseline:
+        raw = chunk_history_features(train.x, self.chunk_size)
+        self.features = Standardizer.fit(raw, train.mask)
+        design = self._design(train.x)[train.mask]
+        target = train.y.to(torch.float64)[train.mask]
+        gram, rhs = design.T @ design, design.T @ target
+        best = (math.inf, None, None)
+        for ridge in self.RIDGES:
+            reg = ridge * design.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+            reg[-1, -1] = 0.0  # no penalty on the bias
+            self.weight = torch.linalg.solve(gram + reg, rhs)
+            score = prediction_mse(self.predict(val.x), val)
+            if score < best[0]:
+                best = (score, ridge, self.weight)
+        _, self.ridge, self.weight = best
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, T, D] model inputs -> [N, T // C, D_out] (standardised target units)."""
+        if self.weight is None:
+            raise RuntimeError("LinearChunkBaseline: call fit() first")
+        return self._design(x) @ self.weight
 
 
 def train_regression(
