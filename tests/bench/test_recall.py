@@ -26,6 +26,7 @@ def test_recall_bench_writes_table_and_sweeps_every_lr(tmp_path: Path) -> None:
         verbose=False,
     )
     saved = json.loads((tmp_path / "recall.json").read_text())
+    assert (tmp_path / "recall.png").stat().st_size > 0
     assert saved["settings"]["batch_size"] == 4
     assert len(saved["rows"]) == 2 * 2
     assert [r["model"] for r in report["summary"]] == ["hamt:hcm_dim=32", "linear_attn"]

@@ -30,7 +30,7 @@ import torch
 from ..config import config_error
 from ..data.synthetic import mqar_accuracy, mqar_batch, mqar_batches
 from ..registry import count_parameters
-from .report import parse_model_spec
+from .report import parse_model_spec, pyplot
 
 #: the evaluation set is drawn from this seed for every run, so all models answer the same queries.
 EVAL_SEED = 1_000_003
@@ -264,6 +264,7 @@ def run_recall_bench(
     out.mkdir(parents=True, exist_ok=True)
     (out / "recall.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "recall.md").write_text(_markdown(report))
+    _plot(report, out / "recall.png")
     print((out / "recall.md").read_text())
     return report
 
@@ -289,3 +290,26 @@ def _markdown(report: dict[str, Any]) -> str:
             f"| {r['state_floats_per_layer']} | {r['params']:,} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _plot(report: dict[str, Any], path: Path) -> None:
+    """Learning curves: query accuracy vs training step for every run (model, width, lr, seed)."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in report["rows"]:
+        if r["history"]:
+            steps, accs = zip(*r["history"])
+            label = f"{r['model']} w={r['width']} lr={r['lr']:g}" + (f" seed={r['seed']}" if r["seed"] else "")
+            ax.plot(steps, accs, marker="o", markersize=3, label=label)
+    s = report["settings"]
+    ax.set_title(f"MQAR V={s['vocab_size']} L={s['seq_len']} K={s['n_pairs']}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("query accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
