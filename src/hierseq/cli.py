@@ -264,11 +264,8 @@ def cmd_bench_recall(args: argparse.Namespace) -> int:
         n_layers=args.n_layers,
         batch_size=args.batch_size,
         stop_at=args.stop_at,
+        threads=args.threads,
     )
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     for key, text, cast in (
         ("models", args.models, str),
         ("widths", args.widths, int),
@@ -395,7 +392,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="sequences per training step")
     p.add_argument("--stop-at", type=float, default=1.0, help="stop a run early once its accuracy reaches this")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="runs/bench/recall")
     p.set_defaults(func=cmd_bench_recall)
 

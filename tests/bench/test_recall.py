@@ -45,6 +45,7 @@ def test_recall_bench_writes_table_and_sweeps_every_lr(tmp_path: Path) -> None:
         ({"batch_size": 0}, "batch_size"),
         ({"stop_at": 1.5}, "stop_at"),
         ({"lrs": []}, "lrs"),
+        ({"threads": 0}, "threads"),
     ],
 )
 def test_recall_bench_rejects_bad_options(tmp_path: Path, kwargs: dict, needle: str) -> None:

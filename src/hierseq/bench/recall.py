@@ -165,6 +165,7 @@ def run_recall_bench(
     eval_examples: int = 1000,
     stop_at: float = 1.0,
     verbose: bool = True,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train every model spec x width x lr x seed on MQAR, write ``recall.json`` / ``recall.md`` under
     ``out_dir``, print the table, and return the report (``rows``: every run; ``summary``: best lr per
@@ -185,6 +186,10 @@ def run_recall_bench(
         raise config_error("batch_size", batch_size, "must be >= 1")
     if not 0.0 < stop_at <= 1.0:
         raise config_error("stop_at", stop_at, "must be in (0, 1]")
+    if threads is not None:
+        if threads < 1:
+            raise config_error("threads", threads, "must be >= 1")
+        torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(EVAL_SEED)
     eval_batch = min(250, eval_examples)
     eval_set = [
