@@ -87,12 +87,3 @@ def generation_sweep(
     return budgeted_sweep(
         contexts, lambda c: measure_generation(model, c, new_tokens, seed), time_budget_s, key="context", desc=desc
     )
-
-
-def add_generation_ratios(results: dict[str, list[dict]], control: str = "transformer") -> None:
-    """Add ``ms_per_token_ratio_vs_transformer`` to every ok row whose context the control also ran."""
-    base = {r["context"]: r["ms_per_token"] for r in results.get(control, []) if r["status"] == "ok"}
-    for rows in results.values():
-        for r in rows:
-            if r["status"] == "ok" and base.get(r["context"]):
-                r["ms_per_token_ratio_vs_transformer"] = r["ms_per_token"] / base[r["context"]]

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from .generation_cost import DEFAULT_GEN_TOKENS, add_generation_ratios, check_contexts, generation_sweep
+from .generation_cost import DEFAULT_GEN_TOKENS, check_contexts, generation_sweep
 from .peers import run_peers, select_peers
 from .report import check_model_specs, markdown_table, pyplot
-from .sweep import budgeted_sweep, time_call
+from .sweep import add_control_ratios, budgeted_sweep, time_call
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 #: lengths whose fwd+bwd time and memory ratios vs the transformer the summary table shows
@@ -140,8 +140,9 @@ def run_speed_bench(
                 model, gen_contexts, gen_tokens, time_budget_s, seed, desc=f"generation {label}"
             )
         del model
-    _add_ratios(results)
-    add_generation_ratios(generation)
+    add_control_ratios(results, "length", "forward_backward_s", "forward_backward_ratio_vs_transformer")
+    add_control_ratios(results, "length", "peak_mem_mb", "memory_ratio_vs_transformer")
+    add_control_ratios(generation, "context", "ms_per_token", "ms_per_token_ratio_vs_transformer")
     report = {
         "benchmark": "speed",
         "device": str(device),
@@ -169,16 +170,6 @@ def run_speed_bench(
     _plot(report, out / "speed.png")
     print((out / "speed.md").read_text())
     return report
-
-
-def _add_ratios(results: dict[str, list[dict]]) -> None:
-    base = {r["length"]: r for r in results.get("transformer", []) if r["status"] == "ok"}
-    for rows in results.values():
-        for r in rows:
-            b = base.get(r["length"])
-            if r["status"] == "ok" and b:
-                r["forward_backward_ratio_vs_transformer"] = r["forward_backward_s"] / b["forward_backward_s"]
-                r["memory_ratio_vs_transformer"] = r["peak_mem_mb"] / b["peak_mem_mb"] if b["peak_mem_mb"] > 0 else None
 
 
 def _summary(report: dict) -> list[dict]:

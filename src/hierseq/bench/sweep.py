@@ -73,3 +73,17 @@ def budgeted_sweep(
         if not stopped and spent > time_budget_s:
             stopped = "time budget"
     return rows
+
+
+def add_control_ratios(
+    results: dict[str, list[dict]], point_key: str, field: str, ratio_key: str, control: str = "transformer"
+) -> None:
+    """For every ok row whose ``point_key`` value (length, context) the ``control`` model also ran ok,
+    set ``row[ratio_key] = row[field] / control_row[field]`` (None when the control's value is 0).
+
+    results: model label -> sweep rows as returned by :func:`budgeted_sweep`."""
+    base = {r[point_key]: r[field] for r in results.get(control, []) if r["status"] == "ok"}
+    for rows in results.values():
+        for r in rows:
+            if r["status"] == "ok" and r[point_key] in base:
+                r[ratio_key] = r[field] / base[r[point_key]] if base[r[point_key]] > 0 else None
