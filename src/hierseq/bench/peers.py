@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
+from ..losses import causal_lm_loss
 from ..registry import build_model, count_parameters
 from .sweep import budgeted_sweep, time_alternated
 
@@ -86,7 +86,7 @@ def _lm_step(module: torch.nn.Module, ids: torch.Tensor) -> Step:
         module.zero_grad(set_to_none=True)
         out = module(ids)
         logits = out if torch.is_tensor(out) else out.logits
-        F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        causal_lm_loss(logits[:, :-1], ids[:, 1:]).backward()
 
     return step
 
