@@ -200,7 +200,7 @@ def make_hidden_dynamics(
     )
 
 
-def _last_chunks(x: np.ndarray, chunk_size: int) -> np.ndarray:
+def _full_chunks(x: np.ndarray, chunk_size: int) -> np.ndarray:
     """x: [N, T, D] -> the full chunks [N, T // C, C, D] (float64)."""
     n = x.shape[1] // chunk_size
     return np.asarray(x[:, : n * chunk_size], dtype=np.float64).reshape(x.shape[0], n, chunk_size, x.shape[-1])
@@ -228,7 +228,7 @@ def dynamics_sensor_inversion(x: np.ndarray, chunk_size: int) -> np.ndarray:
     At each step of chunk k, p is the least-squares solution of tanh(p) = s1, sin(2p) = s2 (the best of a
     grid over [-4, 4] in steps of 0.005); a least-squares line through the C positions gives p and
     v = dp/dt at the chunk end."""
-    chunks = _last_chunks(x, chunk_size)
+    chunks = _full_chunks(x, chunk_size)
     s1, s2 = chunks[..., 0], chunks[..., 1]
     grid = np.linspace(-4.0, 4.0, 1601)
     flat1, flat2 = s1.reshape(-1, 1), s2.reshape(-1, 1)
