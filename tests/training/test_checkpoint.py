@@ -61,6 +61,44 @@ def test_resume_gives_identical_losses(tmp_path):
     )
 
 
+@pytest.mark.parametrize("name", ["hamt", "linear_attn", "mamba"])
+def test_tbptt_resume_restores_the_carried_state_exactly(tmp_path, name, capsys):
+    # A TBPTT run split at step 3 equals the uninterrupted run only if the state carried into step 4
+    # comes back from the checkpoint: with it restarting empty, step 4's loss differs.
+    common = dict(
+        model=name,
+        model_config=hierseq.get_entry(name).config_cls.small_overrides(),
+        loader="stream",
+        tbptt=True,
+        grad_accum=2,
+        max_steps=6,
+        schedule_steps=6,
+    )
+    train(tiny_config(tmp_path / "full", **common))
+    train(tiny_config(tmp_path / "split", **{**common, "max_steps": 3}))
+    saved = load_trainer_state(tmp_path / "split" / "checkpoint")["tbptt_caches"]
+    assert len(saved) == 2 and all(s is not None and s["length"] == 3 * 32 for s in saved)
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "split", **{**common, "resume": True}))
+    assert "carried recurrent state is restored" in capsys.readouterr().out
+    assert _train_losses(tmp_path / "split") == _train_losses(tmp_path / "full")
+    full, split = _weights(tmp_path / "full/final"), _weights(tmp_path / "split/final")
+    assert all(torch.equal(full[k], split[k]) for k in full)
+
+
+def test_tbptt_resume_without_a_saved_state_says_it_restarts_empty(tmp_path, capsys, tiny_rnn):
+    # The test model's cache has no state_dict: nothing is saved and the resumed run says so.
+    data = tmp_path / "text.txt"
+    data.write_bytes(bytes(range(200)) * 2)
+    common = dict(model=tiny_rnn, model_config={}, data=str(data), seq_len=16, batch_size=2, loader="stream")
+    common.update(tbptt=True, schedule_steps=4)
+    train(tiny_config(tmp_path / "run", **{**common, "max_steps": 2}))
+    assert load_trainer_state(tmp_path / "run" / "checkpoint")["tbptt_caches"] is None
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "run", **{**common, "max_steps": 4, "resume": True}))
+    assert "carried recurrent state restarts empty (the checkpoint holds none)" in capsys.readouterr().out
+
+
 def test_resume_refuses_a_different_experiment(tmp_path):
     train(tiny_config(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match=r"resume: seq_len=16 differs from the checkpoint's 32"):

@@ -59,6 +59,7 @@ from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import RMSNorm, make_norm
 from ..layers.scan import linear_scan
+from ..layers.state_cache import LayerStateCache
 from ..layers.vsa import BINDINGS, KEY_TYPES, bind, make_key, unbind
 from ..losses import causal_lm_loss
 from ..outputs import CausalLMOutput
@@ -316,26 +317,9 @@ class HAMTConfig:
 
 
 # ==================================================================================== the cache
-class HAMTCache:
+class HAMTCache(LayerStateCache):
     """Recurrent decoding / TBPTT state: per layer (conv window [B, 3M, K-1], memory [B, S, M]), or None
     for a layer that has seen nothing yet. Its size does not depend on how many tokens were seen."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-        self.length = 0
-
-    def detach(self) -> HAMTCache:
-        """Cut the autograd graph (truncated BPTT): in place, returns self."""
-        self.layers = [None if s is None else (s[0].detach(), s[1].detach()) for s in self.layers]
-        return self
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep / reorder batch rows (beam search, dropping finished rows). index: [B'] long."""
-        self.layers = [None if s is None else (s[0][index], s[1][index]) for s in self.layers]
-
-    def num_floats(self) -> int:
-        """Floats held, over all layers and batch rows (constant in context length)."""
-        return sum(s[0].numel() + s[1].numel() for s in self.layers if s is not None)
 
 
 # ============================================================================== mixer and blocks
@@ -473,6 +457,9 @@ class HAMTModel(nn.Module):
     the returned :class:`HAMTCache` carries the recurrent state; a one-token call with a cache runs the
     recurrent step, longer calls the chunked-parallel path from the carried state.
     """
+
+    #: the recurrent state it returns; the trainer rebuilds a checkpointed TBPTT state with it.
+    cache_class = HAMTCache
 
     def __init__(self, config: HAMTLMConfig | HAMTConfig) -> None:
         super().__init__()

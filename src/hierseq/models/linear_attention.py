@@ -39,6 +39,7 @@ from ..layers.causal_conv import CausalDepthwiseConv1d
 from ..layers.init import init_residual_scaled_
 from ..layers.mlp import make_mlp
 from ..layers.norms import make_norm
+from ..layers.state_cache import LayerStateCache
 from ..losses import causal_lm_loss
 from ..outputs import CausalLMOutput
 from ..registry import register
@@ -151,20 +152,8 @@ class LinearAttentionConfig(BaseConfig):
         check_positive_float("init_std", self.init_std)
 
 
-class LinearAttentionCache:
+class LinearAttentionCache(LayerStateCache):
     """Per layer (conv window [B, C, K-1], state [B, H, dk, dv + 1]) or None; constant size."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layers
-        self.length = 0
-
-    def detach(self) -> LinearAttentionCache:
-        """Cut the autograd graph (truncated BPTT): in place, returns self."""
-        self.layers = [None if s is None else (s[0].detach(), s[1].detach()) for s in self.layers]
-        return self
-
-    def reorder(self, index: torch.Tensor) -> None:
-        self.layers = [None if s is None else (s[0][index], s[1][index]) for s in self.layers]
 
 
 class LinearAttention(nn.Module):
@@ -220,6 +209,9 @@ class LinearAttentionBlock(nn.Module):
 @register("linear_attn", config=LinearAttentionConfig, kind="causal_lm")
 class LinearAttentionLM(nn.Module):
     """input_ids: [B, L] -> CausalLMOutput(logits [B, L, V], loss, lm_loss, aux_loss=0, cache)."""
+
+    #: the recurrent state it returns; the trainer rebuilds a checkpointed TBPTT state with it.
+    cache_class = LinearAttentionCache
 
     def __init__(self, config: LinearAttentionConfig) -> None:
         super().__init__()

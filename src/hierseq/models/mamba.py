@@ -20,6 +20,7 @@ from torch import nn
 from ..config import BaseConfig, check_choice, check_positive_float, check_positive_int
 from ..layers.norms import make_norm
 from ..layers.ssm import MambaMixer, MambaState
+from ..layers.state_cache import LayerStateCache
 from ..losses import causal_lm_loss
 from ..outputs import CausalLMOutput
 from ..registry import register
@@ -141,28 +142,21 @@ class MambaStack(nn.Module):
         return (x, new_states) if return_states else x
 
 
-class MambaCache:
+class MambaCache(LayerStateCache):
     """Decoding state of :class:`MambaLM`: one :class:`MambaState` per layer, ``length`` tokens seen.
 
     Memory is constant in the number of tokens. ``detach()`` cuts the autograd graph in place (TBPTT).
     """
 
-    def __init__(self, n_layers: int) -> None:
-        self.layers: list[MambaState | None] = [None] * n_layers
-        self.length = 0
-
-    def detach(self) -> MambaCache:
-        self.layers = [s.detach() if s is not None else None for s in self.layers]
-        return self
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep / reorder batch rows (beam search, dropping finished rows)."""
-        self.layers = [s.index_select(index) if s is not None else None for s in self.layers]
+    layer_state_type = MambaState
 
 
 @register("mamba", config=MambaConfig, kind="causal_lm")
 class MambaLM(nn.Module):
     """input_ids: [B, L] -> CausalLMOutput(logits [B, L, V], loss, aux_loss=0, cache: MambaCache)."""
+
+    #: the recurrent state it returns; the trainer rebuilds a checkpointed TBPTT state with it.
+    cache_class = MambaCache
 
     def __init__(self, config: MambaConfig) -> None:
         super().__init__()

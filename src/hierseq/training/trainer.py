@@ -353,6 +353,7 @@ class _Trainer:
         self.cfg, self.env = cfg, env
         self.out_dir = Path(cfg.out_dir)
         self.pbar = None
+        self.restored_caches: list[Any] | None = None  # TBPTT state read back by _restore
 
     # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
@@ -448,8 +449,36 @@ class _Trainer:
         self.log_acc = dict(state["log_acc"])
         self.last_checkpoint = directory
         if cfg.tbptt:
-            self.log("resume with tbptt: the carried recurrent state is not checkpointed; it restarts empty")
+            self.restored_caches = self._restore_caches(state.get("tbptt_caches"))
         self.log(f"resumed from {str(directory)!r} at step {self.step} ({self.tokens} tokens)")
+
+    def _cache_states(self) -> list[Any] | None:
+        """The carried TBPTT state of every micro-batch as plain tensors (None entries: nothing carried
+        yet), or None when there is none to save or the model's cache cannot be written down."""
+        if not self.cfg.tbptt or self.env.distributed:
+            return None  # under DDP every rank carries its own streams; rank 0 writes the checkpoint alone
+        if any(c is not None and not callable(getattr(c, "state_dict", None)) for c in self.caches):
+            return None
+        return [None if c is None else c.state_dict() for c in self.caches]
+
+    def _restore_caches(self, saved: list[Any] | None) -> list[Any] | None:
+        """The carried TBPTT state of a checkpoint, rebuilt with the model's ``cache_class``; None (with a
+        logged reason) when it cannot be, so the state restarts empty and the run says so."""
+        cache_class = getattr(type(self.model), "cache_class", None)
+        reason = None
+        if self.env.distributed:
+            reason = "it is not checkpointed under DDP"
+        elif saved is None:
+            reason = "the checkpoint holds none"
+        elif cache_class is None or not callable(getattr(cache_class, "from_state_dict", None)):
+            reason = f"{type(self.model).__name__} has no cache_class with from_state_dict"
+        elif len(saved) != self.cfg.grad_accum:
+            reason = f"the checkpoint holds {len(saved)} micro-batch states, grad_accum={self.cfg.grad_accum}"
+        if reason is not None:
+            self.log(f"resume with tbptt: the carried recurrent state restarts empty ({reason})")
+            return None
+        self.log("resume with tbptt: the carried recurrent state is restored from the checkpoint")
+        return [None if s is None else cache_class.from_state_dict(s, self.env.device) for s in saved]
 
     def _save(self) -> None:
         """Checkpoint (all ranks take part in gathering RNG states; rank 0 writes)."""
@@ -468,6 +497,7 @@ class _Trainer:
                 "loader": self.loader.state_dict(),
                 "rng": {"cpu": rng_cpu, "cuda": rng_cuda},
                 "log_acc": dict(self.log_acc),
+                "tbptt_caches": self._cache_states(),
             }
             self.last_checkpoint = save_checkpoint(self.out_dir, self.model, state)
         else:
@@ -571,7 +601,7 @@ class _Trainer:
         # The eval batch is the global batch on every rank, so eval sees the same windows for any world size.
         self.eval_batch_size = cfg.batch_size
         self.saved_step = self.step if self.last_checkpoint is not None else -1
-        self.caches: list[Any] = [None] * cfg.grad_accum
+        self.caches: list[Any] = self.restored_caches or [None] * cfg.grad_accum
         self.last_train_loss: float | None = None
         if env.is_main:
             self.log(
