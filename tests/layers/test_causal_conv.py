@@ -157,11 +157,26 @@ def test_shifted_forward_equals_grouped_conv1d_reference_values_and_gradients(ke
     torch.manual_seed(0)
     conv = CausalDepthwiseConv1d(5, kernel_size)
     x = torch.randn(2, 9, 5, requires_grad=True)
-    for state in (None, torch.randn(2, 5, kernel_size - 1)):
+    for state in (None, torch.randn(2, 5, kernel_size - 1, requires_grad=True)):
         y = conv(x, state)
         y_ref = conv.forward_reference(x, state)
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
-        grads = torch.autograd.grad(y.square().sum(), (x, conv.weight))
-        grads_ref = torch.autograd.grad(y_ref.square().sum(), (x, conv.weight))
+        wrt = (x, conv.weight, conv.bias) + ((state,) if state is not None and kernel_size > 1 else ())
+        grads = torch.autograd.grad(y.square().sum(), wrt)
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), wrt)
         for g, g_ref in zip(grads, grads_ref):
             torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_shifted_backward_skips_what_needs_no_gradient():
+    # Frozen parameters and a constant input: only the input's gradient, still equal to the reference.
+    torch.manual_seed(1)
+    conv = CausalDepthwiseConv1d(4, 3).requires_grad_(False)
+    x = torch.randn(1, 7, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(conv(x).sum(), x)
+    (g_ref,) = torch.autograd.grad(conv.forward_reference(x).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    conv.requires_grad_(True)
+    y = conv(x.detach())
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.bias.grad is not None

@@ -77,6 +77,18 @@ def test_bipolar_straight_through_gradient() -> None:
     torch.testing.assert_close(x.grad, 1 - torch.tanh(x.detach()) ** 2)
 
 
+def test_bipolar_matches_its_detach_trick_reference() -> None:
+    x = torch.randn(4, 64, generator=_gen(21), dtype=torch.float64)
+    x[0, :3] = 0.0  # sign(0) is +1 in both
+    weights = torch.randn(4, 64, generator=_gen(22), dtype=torch.float64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fast, ref = vsa.bipolar(a), vsa.bipolar_reference(b)
+    assert fast.dtype == x.dtype and torch.equal(fast, ref.detach().round())
+    (fast * weights).sum().backward()
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_unbinding_is_linear_in_memory() -> None:
     q = torch.randn(16, generator=_gen(8))
     m1, m2 = torch.randn(2, 16, generator=_gen(9))

@@ -26,6 +26,7 @@ that they agree.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -123,11 +124,33 @@ def unbind_reference(memory: torch.Tensor, query: torch.Tensor, binding: str = "
 
 
 # ---------------------------------------------------------------------------------------- keys
+class _SignStraightThrough(torch.autograd.Function):
+    """Forward sign(x) in {-1, +1} (0 -> +1); backward the derivative of tanh(x). Saves only x, where
+    ``tanh(x) + (sign(x) - tanh(x)).detach()`` would keep three key-sized tensors per call alive."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * (1.0 - torch.tanh(x).square())
+
+
 def bipolar(x: torch.Tensor) -> torch.Tensor:
-    """sign(x) in {-1, +1} (0 maps to +1) with the gradient of tanh(x) (straight-through). [..., D]."""
+    """sign(x) in {-1, +1} (0 maps to +1) with the gradient of tanh(x) (straight-through). [..., D].
+
+    The forward value is the hard sign; the backward pass uses d tanh(x) / dx, so the projection
+    producing x still learns."""
+    return _SignStraightThrough.apply(x)
+
+
+def bipolar_reference(x: torch.Tensor) -> torch.Tensor:
+    """:func:`bipolar` written with autograd's detach trick: the same values and gradients."""
     soft = torch.tanh(x)
     hard = torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
-    # Forward value: hard; backward: d tanh(x) / dx, so the projection producing x still learns.
     return soft + (hard - soft).detach()
 
 
