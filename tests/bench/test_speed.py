@@ -187,3 +187,18 @@ def test_cli_gen_contexts(monkeypatch) -> None:
     for argv, expected in (([], [1024, 4096, 16384]), (["--gen-contexts", ""], []), (["--gen-contexts", "0"], [0])):
         assert main(["bench", "speed", *argv]) == 0
         assert seen[-1]["gen_contexts"] == expected and seen[-1]["peers"] is False
+
+
+def test_the_allocator_setting_is_recorded_with_the_numbers(monkeypatch, tmp_path: Path) -> None:
+    # CPU times move with glibc's mmap policy, so a report says which one it was measured under.
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")
+    report = run_speed_bench(str(tmp_path), models=["linear_attn"], lengths=[32], gen_contexts=[], **TINY)
+    assert report["glibc_tunables"] == "glibc.malloc.mmap_max=0"
+    assert "Allocator: GLIBC_TUNABLES=glibc.malloc.mmap_max=0." in (tmp_path / "speed.md").read_text()
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    assert (
+        run_speed_bench(str(tmp_path / "default"), models=["linear_attn"], lengths=[32], gen_contexts=[], **TINY)[
+            "glibc_tunables"
+        ]
+        is None
+    )

@@ -12,6 +12,7 @@ Run: ``hierseq bench speed [--models a,b] [--lengths 512,1024] [--repeats 3] [--
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 from collections.abc import Sequence
@@ -149,6 +150,9 @@ def run_speed_bench(
         "torch": torch.__version__,
         "platform": platform.platform(),
         "threads": torch.get_num_threads(),
+        # CPU times depend on the allocator: glibc's default mmaps (and page-faults afresh) every block
+        # over 32 MiB, which costs per byte allocated; GLIBC_TUNABLES=glibc.malloc.mmap_max=0 reuses them.
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES") or None,
         "d_model": d_model,
         "n_layers": n_layers,
         "batch_size": batch_size,
@@ -297,6 +301,8 @@ def _markdown(report: dict) -> str:
         f"{report['d_model']}, {report['n_layers']} layers, batch {report['batch_size']}; medians of "
         f"{report['repeats']} repeats; ratios (×T) vs the transformer measured in the same process."
     )
+    if report.get("glibc_tunables"):
+        intro += f" Allocator: GLIBC_TUNABLES={report['glibc_tunables']}."
     if report["gen_contexts"]:
         intro += (
             f" Generation: batch 1, median ms per new token over {report['gen_tokens']} cached steps after "
