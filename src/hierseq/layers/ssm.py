@@ -36,12 +36,6 @@ class MambaState(NamedTuple):
     conv: torch.Tensor
     ssm: torch.Tensor
 
-    def detach(self) -> MambaState:
-        return MambaState(self.conv.detach(), self.ssm.detach())
-
-    def index_select(self, index: torch.Tensor) -> MambaState:
-        return MambaState(self.conv.index_select(0, index), self.ssm.index_select(0, index))
-
 
 def _check_int(name: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
