@@ -157,3 +157,53 @@ def _looks_like_path(source: str | Path) -> bool:
         return True
     s = str(source)
     return "\n" not in s and not s.lstrip().startswith(("{", "[")) and Path(s).exists()
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise config_error(name, value, "must be true or false")
+
+
+def check_nonneg_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise config_error(name, value, "must be a number >= 0")
+
+
+@dataclasses.dataclass
+class LMConfig(BaseConfig):
+    """Fields of the causal-LM shell, the same for every mixer (so one command sizes every model alike).
+
+    mlp: "swiglu", "gelu" or "none" (a block with no MLP, as in Mamba); mlp_hidden: 0 = the SwiGLU width
+    with the parameters of a 4x GELU MLP (4 d_model for GELU). aux_loss_weight: weight of the mixers'
+    auxiliary loss in ``loss``. mixers: a per-layer mixer schedule, e.g. ``["hamt", "attention"]``
+    repeated to ``n_layers`` (empty: every layer uses the model's own mixer); mixer_options: per-mixer
+    field overrides for the mixers of a schedule, e.g. ``{"attention": {"n_heads": 4}}``.
+    """
+
+    mlp: str = "swiglu"
+    mlp_hidden: int = 0
+    norm: str = "rmsnorm"
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    aux_loss_weight: float = 0.0
+    mixers: tuple[str, ...] = ()
+    mixer_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("mlp", self.mlp, ("swiglu", "gelu", "none"))
+        check_nonneg_int("mlp_hidden", self.mlp_hidden)
+        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
+        check_bool("tie_embeddings", self.tie_embeddings)
+        check_positive_float("init_std", self.init_std)
+        check_nonneg_float("aux_loss_weight", self.aux_loss_weight)
+        if isinstance(self.mixers, list):
+            self.mixers = tuple(self.mixers)
+        if not isinstance(self.mixers, tuple) or not all(isinstance(m, str) for m in self.mixers):
+            raise config_error("mixers", self.mixers, "must be a list of mixer names")
+        if self.mixers and self.n_layers % len(self.mixers):
+            raise config_error("mixers", list(self.mixers), f"its length must divide n_layers={self.n_layers}")
+        if not isinstance(self.mixer_options, dict) or not all(
+            isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()
+        ):
+            raise config_error("mixer_options", self.mixer_options, "must map mixer names to dicts of fields")

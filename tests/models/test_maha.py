@@ -234,7 +234,7 @@ def test_aux_loss_has_a_nonzero_gradient(aggregation: str) -> None:
 
 
 def test_convex_weights_are_the_simplex_projection_of_the_scores() -> None:
-    from hierseq.layers.simplex import simplex_kkt_residual
+    from hierseq.ops.simplex import simplex_kkt_residual
 
     torch.manual_seed(5)
     cfg = small_config(aggregation="convex")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.layers.ssm import MambaMixer
+from hierseq.mixers.mamba import MambaMixer
 from hierseq.models.mamba import MambaCache, MambaConfig
 
 

@@ -33,7 +33,7 @@ from tests.conformance.checks import (
 
 import hierseq
 from hierseq.layers import tree_attention
-from hierseq.layers.tree_attention import (
+from hierseq.mixers.tree import (
     TreeAttention,
     leaf_summaries,
     merge_summaries,

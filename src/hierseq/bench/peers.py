@@ -13,7 +13,7 @@ and theirs so machine load hits both alike (median of the repeats). The reported
 * ``h-transformer-1d`` ``HTransformer1D(causal=True)`` vs our ``tree`` (hierarchical attention), block
   size = our ``leaf_size``; it needs L = leaf_size * 2^k with k >= 1, other lengths are recorded as
   unsupported.
-* ``torch-hd`` HRR (circular convolution) and MAP (elementwise) binding vs ``hierseq.layers.vsa``:
+* ``torch-hd`` HRR (circular convolution) and MAP (elementwise) binding vs ``hierseq.ops.vsa``:
   unbind(bind(k, v), k) on k, v [B, L, D], loss mean(y^2). torch-hd imports pandas and requests at
   import time (its datasets module): installed with its dependencies it works, with ``--no-deps`` alone
   it does not import and is reported as not installed.
@@ -105,7 +105,7 @@ def _lm_pair(ours: torch.nn.Module, theirs: torch.nn.Module, shape: PeerShape) -
 def _x_transformers(shape: PeerShape) -> tuple[Step, Step, int, int]:
     from x_transformers import Decoder, TransformerWrapper
 
-    from ..layers.mlp import swiglu_hidden
+    from ..modules.mlp import swiglu_hidden
 
     ours = build_model("transformer", **shape.config)
     c = ours.config

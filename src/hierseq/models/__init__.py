@@ -1,13 +1,3 @@
 """Every architecture; importing this package registers them all."""
 
-from . import (  # noqa: F401
-    flat_mae,
-    hama,
-    hamt,
-    hiss,
-    linear_attention,
-    maha,
-    mamba,
-    transformer,
-    tree,
-)
+from . import causal_lms, flat_mae, hama, hiss  # noqa: F401

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..config import BaseConfig, check_choice, check_divisible, check_nonneg_int, check_positive_int, config_error
-from ..layers.norms import make_norm
+from ..modules.norms import make_norm
 from ..outputs import MaskedAEOutput
 from ..registry import register
 from ..validation import check_features, check_input_ids

@@ -54,9 +54,9 @@ from ..config import (
     check_positive_int,
     config_error,
 )
-from ..layers.mlp import make_mlp
-from ..layers.norms import make_norm
-from ..layers.positional import sinusoidal_table
+from ..modules.mlp import make_mlp
+from ..modules.norms import make_norm
+from ..modules.positional import sinusoidal_table
 from ..outputs import MaskedAEOutput
 from ..registry import register
 from ..validation import check_features, check_input_ids
@@ -200,7 +200,7 @@ class HAMAConfig(BaseConfig):
 # ============================================================================================= layers
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds fixed sinusoidal encodings. x: [..., S, D]; ``positions``: [S] (default 0 .. S-1) or any
-    shape broadcastable to x[..., 0]. Thin wrapper over :func:`hierseq.layers.positional.sinusoidal_table`
+    shape broadcastable to x[..., 0]. Thin wrapper over :func:`hierseq.modules.positional.sinusoidal_table`
     with the seed's name; no maximum length."""
 
     def __init__(self, embedding_dim: int, base: float = 10000.0) -> None:

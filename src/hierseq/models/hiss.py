@@ -36,14 +36,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BaseConfig, check_choice, check_nonneg_int, check_positive_int, config_error
-from ..layers.attention import KVCache
-from ..layers.norms import make_norm
-from ..layers.ssm import MambaMixer
+from ..mixers.attention import Attention, AttentionMixerConfig
+from ..mixers.mamba import Mamba, MambaMixerConfig
+from ..modules.norms import make_norm
+from ..modules.stack import MixerStack
 from ..outputs import SeqRegressionOutput
 from ..registry import register
 from ..validation import check_features
-from .mamba import MambaStack, check_mamba_fields
-from .transformer import TransformerBlock, TransformerConfig
 
 LEVEL_KINDS = ("mamba", "lstm", "transformer")
 REMAINDER_POLICIES = ("drop", "partial")
@@ -80,26 +79,35 @@ def check_targets(
 
 
 # --------------------------------------------------------------------------------------- backbones
-class MambaBackbone(nn.Module):
-    """Mamba stack on features. x: [B, L, d] -> [B, L, d]; state: list of per-layer MambaState."""
+def check_mamba_fields(cfg: object, prefix: str = "") -> None:
+    """Validate the SSM fields of a HiSS config (names optionally prefixed, e.g. 'low_')."""
+    for name in ("d_state", "d_conv", "expand"):
+        check_positive_int(prefix + name, getattr(cfg, prefix + name))
+    dt_rank = getattr(cfg, prefix + "dt_rank", 0)
+    if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 0:
+        raise config_error(prefix + "dt_rank", dt_rank, "must be 0 (auto: ceil(d_model/16)) or a positive integer")
 
-    def __init__(self, d_model: int, n_layers: int, spec: Any) -> None:
-        super().__init__()
-        mixers = [
-            MambaMixer(
-                d_model,
-                d_state=spec.d_state,
-                d_conv=spec.d_conv,
-                expand=spec.expand,
-                dt_rank=spec.dt_rank,
-                scan=getattr(spec, "scan", "fast"),
-            )
-            for _ in range(n_layers)
-        ]
-        self.stack = MambaStack(mixers, spec.norm)
 
-    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> Any:
-        return self.stack(x, state, return_states=return_state)
+class StackBackbone(MixerStack):
+    """The shared block stack on features. x: [B, L, d] -> [B, L, d]; state: a DecodingState (recurrent
+    for Mamba; a KV cache growing with the steps seen for attention), advanced in place."""
+
+    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> Any:  # type: ignore[override]
+        h, state, _ = super().forward(x, state, use_cache=return_state)
+        return (h, state) if return_state else h
+
+
+def mamba_stack(d_model: int, n_layers: int, mamba: MambaMixerConfig, norm: str = "rmsnorm") -> StackBackbone:
+    """Mamba blocks (no MLP, as in the reference) + final norm."""
+    return StackBackbone(d_model, n_layers, lambda i: Mamba(d_model, mamba), mlp="none", norm=norm)
+
+
+def mamba_backbone(d_model: int, n_layers: int, spec: Any) -> StackBackbone:
+    """Mamba blocks on features; ``spec`` carries d_state, d_conv, expand, dt_rank, norm (and scan)."""
+    cfg = MambaMixerConfig(
+        d_state=spec.d_state, d_conv=spec.d_conv, expand=spec.expand, dt_rank=spec.dt_rank, scan=getattr(spec, "scan", "fast")
+    )
+    return mamba_stack(d_model, n_layers, cfg, spec.norm)
 
 
 class LSTMBackbone(nn.Module):
@@ -116,30 +124,18 @@ class LSTMBackbone(nn.Module):
         return (y, new_state) if return_state else y
 
 
-class TransformerBackbone(nn.Module):
-    """Causal pre-norm Transformer blocks (RoPE, SwiGLU) + final norm. x: [B, L, d] -> [B, L, d];
-    state: one KVCache per layer (grows with the number of steps seen; updated in place)."""
-
-    def __init__(self, d_model: int, n_layers: int, spec: Any) -> None:
-        super().__init__()
-        cfg = TransformerConfig(d_model=d_model, n_layers=n_layers, n_heads=spec.n_heads, norm=spec.norm)
-        self.blocks = nn.ModuleList(TransformerBlock(cfg) for _ in range(n_layers))
-        self.norm = make_norm(spec.norm, d_model)
-
-    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> Any:
-        if return_state and state is None:
-            state = [KVCache() for _ in self.blocks]
-        for i, block in enumerate(self.blocks):
-            x = block(x, state[i] if state is not None else None)
-        x = self.norm(x)
-        return (x, state) if return_state else x
+def transformer_backbone(d_model: int, n_layers: int, spec: Any) -> StackBackbone:
+    """Causal pre-norm attention blocks (RoPE, SwiGLU) + final norm."""
+    cfg = AttentionMixerConfig(n_heads=spec.n_heads)
+    cfg.check(d_model)
+    return StackBackbone(d_model, n_layers, lambda i: Attention(d_model, cfg), mlp="swiglu", norm=spec.norm)
 
 
 def make_backbone(kind: str, d_model: int, n_layers: int, spec: Any) -> nn.Module:
     """One level: ``kind`` in mamba / lstm / transformer; ``spec`` carries d_state, d_conv, expand,
     dt_rank, n_heads, norm."""
     check_choice("level", kind, LEVEL_KINDS)
-    return {"mamba": MambaBackbone, "lstm": LSTMBackbone, "transformer": TransformerBackbone}[kind](
+    return {"mamba": mamba_backbone, "lstm": LSTMBackbone, "transformer": transformer_backbone}[kind](
         d_model, n_layers, spec
     )
 
@@ -432,16 +428,6 @@ class FlatRegressor(nn.Module):
 
 
 # --------------------------------------------------------------------------------------- seed API
-@dataclass
-class _SeedMambaSpec:
-    """The Mamba fields of a seed constructor call, in the form MambaMixer wants."""
-
-    d_state: int
-    d_conv: int
-    expand: int
-    dt_rank: int
-
-
 class LowLevelMamba(nn.Module):
     """The seed's low-level model: ``depth`` pre-norm Mamba blocks + final RMSNorm on continuous
     features. x: [B, L, dim] -> [B, L, dim]. Every argument is honoured; ``pscan=True`` uses the fast
@@ -471,29 +457,26 @@ class LowLevelMamba(nn.Module):
         if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 0:
             raise config_error("dt_rank", dt_rank, "must be 'auto' or a positive integer")
         self.dim = dim
-        mixers = [
-            MambaMixer(
-                dim,
-                d_state=d_state,
-                d_conv=d_conv,
-                expand=expand_factor,
-                dt_rank=dt_rank,
-                dt_min=dt_min,
-                dt_max=dt_max,
-                dt_init=dt_init,
-                dt_scale=dt_scale,
-                bias=bias,
-                conv_bias=conv_bias,
-                scan="fast" if pscan else "reference",
-            )
-            for _ in range(depth)
-        ]
-        self.stack = MambaStack(mixers, "rmsnorm")
+        cfg = MambaMixerConfig(
+            d_state=d_state,
+            d_conv=d_conv,
+            expand=expand_factor,
+            dt_rank=dt_rank,
+            dt_min=dt_min,
+            dt_max=dt_max,
+            dt_init=dt_init,
+            dt_scale=dt_scale,
+            bias=bias,
+            conv_bias=conv_bias,
+            scan="fast" if pscan else "reference",
+        )
+        cfg.check(dim)
+        self.stack = mamba_stack(dim, depth, cfg)
 
     def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> Any:
-        """x: [B, L, dim] float; optional per-layer state to continue from."""
+        """x: [B, L, dim] float; optional state (a DecodingState) to continue from."""
         x = check_features(x, self.dim)
-        return self.stack(x, state, return_states=return_state)
+        return self.stack(x, state, return_state)
 
 
 class HSSS(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hierseq.layers.simplex import (
+from hierseq.ops.simplex import (
     best_response,
     nash_temperature,
     nash_weights,

@@ -20,11 +20,11 @@ class GELUMLP(nn.Module):
         super().__init__()
         hidden = hidden or 4 * d_model
         self.fc_in = nn.Linear(d_model, hidden, bias=bias)
-        self.fc_out = nn.Linear(hidden, d_model, bias=bias)
+        self.out_proj = nn.Linear(hidden, d_model, bias=bias)  # the residual projection
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x))))
+        return self.dropout(self.out_proj(F.gelu(self.fc_in(x))))
 
 
 class SwiGLU(nn.Module):
@@ -37,18 +37,23 @@ class SwiGLU(nn.Module):
         hidden = hidden or swiglu_hidden(d_model)
         self.hidden = hidden
         self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)
-        self.down = nn.Linear(hidden, d_model, bias=bias)
+        self.out_proj = nn.Linear(hidden, d_model, bias=bias)  # the residual projection
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.dropout(self.down(F.silu(gate) * up))
+        return self.dropout(self.out_proj(F.silu(gate) * up))
 
 
-def make_mlp(kind: str, d_model: int, hidden: int | None = None, dropout: float = 0.0) -> nn.Module:
-    """``kind`` is "swiglu" or "gelu"."""
+MLP_KINDS = ("swiglu", "gelu", "none")
+
+
+def make_mlp(kind: str, d_model: int, hidden: int | None = None, dropout: float = 0.0) -> nn.Module | None:
+    """``kind`` is "swiglu", "gelu" or "none" (no MLP: returns None, as in a Mamba block)."""
+    if kind == "none":
+        return None
     if kind == "swiglu":
         return SwiGLU(d_model, hidden, dropout)
     if kind == "gelu":
         return GELUMLP(d_model, hidden, dropout)
-    raise ValueError(f"mlp={kind!r}: must be one of ['swiglu', 'gelu']")
+    raise ValueError(f"mlp={kind!r}: must be one of {list(MLP_KINDS)}")

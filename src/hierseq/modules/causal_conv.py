@@ -28,40 +28,44 @@ def _check_positive_int(name: str, value: object) -> None:
 
 
 class _ShiftedDepthwiseConv(torch.autograd.Function):
-    """y[:, t] = sum_k padded[:, t + k] * taps[:, k] (+ bias) for t < L = padded_len - K + 1.
+    """y[:, t] = sum_k padded[:, t + k d] * taps[:, k] (+ bias) for t < L = padded_len - (K - 1) d.
 
-    padded: [B, K-1+L, C]; taps: [C, K]; bias: [C] or None -> y: [B, L, C]. The loop is over the K
-    taps (typically 4), each one whole-tensor fused multiply-add."""
+    padded: [B, (K-1) d + L, C]; taps: [C, K]; bias: [C] or None; d: the dilation -> y: [B, L, C]. The
+    loop is over the K taps (typically 4), each one whole-tensor fused multiply-add."""
 
     @staticmethod
-    def forward(ctx: Any, padded: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        ctx: Any, padded: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, dilation: int
+    ) -> torch.Tensor:
         kernel = taps.shape[1]
-        length = padded.shape[1] - kernel + 1
+        length = padded.shape[1] - (kernel - 1) * dilation
         y = padded[:, :length] * taps[:, 0]
         for k in range(1, kernel):
-            y.addcmul_(padded[:, k : k + length], taps[:, k])
+            y.addcmul_(padded[:, k * dilation : k * dilation + length], taps[:, k])
         if bias is not None:
             y.add_(bias)
         ctx.save_for_backward(padded, taps)
-        ctx.has_bias = bias is not None
+        ctx.has_bias, ctx.dilation = bias is not None, dilation
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         padded, taps = ctx.saved_tensors
-        kernel = taps.shape[1]
+        kernel, d = taps.shape[1], ctx.dilation
         length = grad_y.shape[1]
         grad_padded = grad_taps = grad_bias = None
         if ctx.needs_input_grad[0]:
             # padded[:, j] feeds y[:, j - k] through tap k.
             grad_padded = torch.zeros_like(padded)
             for k in range(kernel):
-                grad_padded[:, k : k + length].addcmul_(grad_y, taps[:, k])
+                grad_padded[:, k * d : k * d + length].addcmul_(grad_y, taps[:, k])
         if ctx.needs_input_grad[1]:
-            grad_taps = torch.stack([(grad_y * padded[:, k : k + length]).sum((0, 1)) for k in range(kernel)], dim=1)
+            grad_taps = torch.stack(
+                [(grad_y * padded[:, k * d : k * d + length]).sum((0, 1)) for k in range(kernel)], dim=1
+            )
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum((0, 1))
-        return grad_padded, grad_taps, grad_bias
+        return grad_padded, grad_taps, grad_bias, None
 
 
 class CausalDepthwiseConv1d(nn.Module):
@@ -70,15 +74,19 @@ class CausalDepthwiseConv1d(nn.Module):
     Parameters have the shapes of ``nn.Conv1d(C, C, K, groups=C)``: ``weight`` [C, 1, K], ``bias`` [C],
     so weights can be copied to and from a grouped ``nn.Conv1d`` one to one.
 
-    State: [B, C, K - 1], the last K - 1 inputs in time order (oldest first), zeros before the start.
+    ``dilation`` d spaces the taps: output t sees inputs t - (K - 1) d, ..., t - d, t.
+    State: [B, C, (K - 1) d], the last (K - 1) d inputs in time order (oldest first), zeros before the
+    start. :meth:`centred` is the same filter centred on t (K odd), for non-causal encoders.
     """
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True) -> None:
+    def __init__(self, channels: int, kernel_size: int, bias: bool = True, dilation: int = 1) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
         _check_positive_int("kernel_size", kernel_size)
+        _check_positive_int("dilation", dilation)
         self.channels = channels
         self.kernel_size = kernel_size
+        self.dilation = dilation
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size))
         self.bias = nn.Parameter(torch.empty(channels)) if bias else None
         self.reset_parameters()
@@ -92,11 +100,14 @@ class CausalDepthwiseConv1d(nn.Module):
 
     @property
     def state_len(self) -> int:
-        """Number of past inputs the layer remembers: kernel_size - 1."""
-        return self.kernel_size - 1
+        """Number of past inputs the layer remembers: (kernel_size - 1) * dilation."""
+        return (self.kernel_size - 1) * self.dilation
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}"
+        return (
+            f"channels={self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
+            f"bias={self.bias is not None}"
+        )
 
     def initial_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
@@ -114,21 +125,21 @@ class CausalDepthwiseConv1d(nn.Module):
     def _check_state(self, state: torch.Tensor, batch: int) -> None:
         expected = (batch, self.channels, self.state_len)
         if state.dim() != 3 or tuple(state.shape) != expected:
-            raise ValueError(f"state shape {tuple(state.shape)}: expected [B, C, K-1] = {list(expected)}")
+            raise ValueError(f"state shape {tuple(state.shape)}: expected [B, C, state_len] = {list(expected)}")
 
     def forward(
         self, x: torch.Tensor, state: torch.Tensor | None = None, return_state: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Convolve a whole sequence.
 
-        x: [B, L, C]; state: optional [B, C, K - 1] inputs that precede x (from ``initial_state``, a
+        x: [B, L, C]; state: optional [B, C, state_len] inputs that precede x (from ``initial_state``, a
         previous ``forward(..., return_state=True)`` or ``step``); None means zeros.
-        Returns y: [B, L, C], and with ``return_state`` also the new state [B, C, K - 1] (the last K - 1
-        inputs, including those from ``state`` when L < K - 1) to continue with ``step`` or ``forward``.
+        Returns y: [B, L, C], and with ``return_state`` also the new state [B, C, state_len] (the last state_len
+        inputs, including those from ``state`` when L < state_len) to continue with ``step`` or ``forward``.
         """
-        padded = self._padded(x, state)  # [B, K-1+L, C]
+        padded = self._padded(x, state)  # [B, state_len + L, C]
         taps = self.weight[:, 0, :]  # [C, K]; tap K-1 multiplies the current input
-        y = _ShiftedDepthwiseConv.apply(padded, taps, self.bias)
+        y = _ShiftedDepthwiseConv.apply(padded, taps, self.bias, self.dilation)
         if not return_state:
             return y
         # Slice by start index, not by -state_len: for K = 1, [-0:] would keep everything.
@@ -136,7 +147,7 @@ class CausalDepthwiseConv1d(nn.Module):
         return y, new_state
 
     def _padded(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, L, C] with the K - 1 preceding inputs (state, or zeros) prepended: [B, K-1+L, C]."""
+        """x: [B, L, C] with the state_len preceding inputs (state, or zeros) prepended."""
         if x.dim() != 3 or x.shape[-1] != self.channels:
             raise ValueError(f"x shape {tuple(x.shape)}: expected [B, L, C] with C={self.channels}")
         if state is None:
@@ -147,16 +158,23 @@ class CausalDepthwiseConv1d(nn.Module):
     def forward_reference(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The definition, as one grouped ``F.conv1d``: x [B, L, C] -> y [B, L, C] (same as ``forward``)."""
         padded = self._padded(x, state).transpose(1, 2)  # [B, C, K-1+L]: conv1d wants channels first
-        return F.conv1d(padded, self.weight, self.bias, groups=self.channels).transpose(1, 2)
+        return F.conv1d(padded, self.weight, self.bias, dilation=self.dilation, groups=self.channels).transpose(1, 2)
+
+    def centred(self, x: torch.Tensor) -> torch.Tensor:
+        """The filter centred on each position (K odd; zeros past both ends). x: [B, L, C] -> [B, L, C].
+
+        A causal conv over x with (K - 1) d / 2 zeros appended, read (K - 1) d / 2 steps later."""
+        half = self.state_len // 2
+        return self.forward(F.pad(x, (0, 0, 0, half)))[:, half:]
 
     def step(self, x_t: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One generation step. x_t: [B, C], state: [B, C, K - 1] -> (y_t [B, C], new state [B, C, K - 1])."""
+        """One generation step. x_t: [B, C], state: [B, C, (K-1) d] -> (y_t [B, C], new state, same shape)."""
         if x_t.dim() != 2 or x_t.shape[-1] != self.channels:
             raise ValueError(f"x_t shape {tuple(x_t.shape)}: expected [B, C] with C={self.channels}")
         self._check_state(state, x_t.shape[0])
-        window = torch.cat((state.to(x_t.dtype), x_t.unsqueeze(-1)), dim=-1)  # [B, C, K], oldest first
-        # conv1d is a cross-correlation: y_t = sum_k weight[c, 0, k] * window[c, k].
-        y_t = (window * self.weight.squeeze(1)).sum(-1)
+        window = torch.cat((state.to(x_t.dtype), x_t.unsqueeze(-1)), dim=-1)  # [B, C, (K-1) d + 1], oldest first
+        # conv1d is a cross-correlation: y_t = sum_k weight[c, 0, k] * window[c, k d].
+        y_t = (window[..., :: self.dilation] * self.weight.squeeze(1)).sum(-1)
         if self.bias is not None:
             y_t = y_t + self.bias
         return y_t, window[..., 1:]

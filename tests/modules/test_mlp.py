@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hierseq.layers.mlp import GELUMLP, SwiGLU, make_mlp, swiglu_hidden
+from hierseq.modules.mlp import GELUMLP, SwiGLU, make_mlp, swiglu_hidden
 
 
 def test_swiglu_hidden_rounds_up_to_multiple():
@@ -22,7 +22,7 @@ def test_gelu_mlp_shape_and_formula():
     x = torch.randn(2, 3, 5, 12)
     y = mlp(x)
     assert y.shape == x.shape
-    expected = F.gelu(x @ mlp.fc_in.weight.T + mlp.fc_in.bias) @ mlp.fc_out.weight.T + mlp.fc_out.bias
+    expected = F.gelu(x @ mlp.fc_in.weight.T + mlp.fc_in.bias) @ mlp.out_proj.weight.T + mlp.out_proj.bias
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -33,7 +33,7 @@ def test_swiglu_shape_and_formula():
     y = mlp(x)
     assert y.shape == x.shape
     w_gate, w_up = mlp.gate_up.weight[:24], mlp.gate_up.weight[24:]
-    expected = (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ mlp.down.weight.T
+    expected = (F.silu(x @ w_gate.T) * (x @ w_up.T)) @ mlp.out_proj.weight.T
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
     assert SwiGLU(64).hidden == swiglu_hidden(64)
 

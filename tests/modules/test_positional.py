@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hierseq.layers.positional import RotaryEmbedding, SinusoidalPositionalEncoding, sinusoidal_table
+from hierseq.modules.positional import RotaryEmbedding, SinusoidalPositionalEncoding, sinusoidal_table
 
 
 def hand_sinusoid(position: float, channel: int, dim: int, base: float = 10000.0) -> float:

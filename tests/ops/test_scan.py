@@ -9,7 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hierseq.layers.scan import linear_scan, linear_scan_chunked, linear_scan_reference, linear_scan_step
+from hierseq.ops.scan import linear_scan, linear_scan_chunked, linear_scan_reference, linear_scan_step
 
 REL_TOL = 1e-5
 

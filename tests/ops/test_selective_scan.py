@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hierseq.layers.selective_scan import (
+from hierseq.ops.selective_scan import (
     _scan_backward_,
     _scan_forward_,
     selective_scan,

@@ -58,6 +58,7 @@ context, as for any exact attention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -65,79 +66,18 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .positional import RotaryEmbedding
+from ..config import check_choice, check_positive_float, check_positive_int, config_error
+from ..modules.positional import RotaryEmbedding
+from ..modules.state import LayerState
+from .attention import check_heads
+from .base import Mixer, MixerConfig, register_mixer
+from ..ops.tree_attention import attention_with_lse, causal_bias, leaf_summaries, merge_summaries, summary_pyramid, tree_levels
 
 SIBLING_MODES = ("exact", "summary")
 
 
-def tree_levels(n_leaves: int) -> int:
-    """Number of sibling levels a sequence of ``n_leaves`` leaves needs: the bits of the largest leaf
-    index (0 for a single leaf, ceil(log2(n_leaves)) in general)."""
-    return max(n_leaves - 1, 0).bit_length()
-
-
-def leaf_summaries(keys: torch.Tensor, n_summary: int) -> torch.Tensor:
-    """Mean-pool each leaf into ``n_summary`` segments.
-
-    keys: [B, H, n_leaves, leaf, Dh] -> [B, H, n_leaves, n_summary, Dh]. ``leaf`` must be divisible by
-    ``n_summary``.
-    """
-    B, H, n, leaf, dh = keys.shape
-    return keys.view(B, H, n, n_summary, leaf // n_summary, dh).mean(dim=4)
-
-
-def merge_summaries(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
-    """Summary of a parent node from its two children's summaries: the children's segments laid side
-    by side ([..., 2 S, Dh]) and averaged in adjacent pairs, giving S segments twice as long.
-
-    left, right: [..., S, Dh] -> [..., S, Dh]. Used by both the full forward and the cache, so both
-    compute bit-for-bit the same arithmetic.
-    """
-    both = torch.cat((left, right), dim=-2)
-    return both.unflatten(-2, (left.shape[-2], 2)).mean(dim=-2)
-
-
-def summary_pyramid(leaf_level: torch.Tensor, n_levels: int) -> list[torch.Tensor]:
-    """Summaries of every node at levels 0 .. n_levels-1.
-
-    leaf_level: [B, H, n_leaves, S, Dh] (level 0, one entry per leaf). Returns a list whose entry ``l``
-    is [B, H, n_l, S, Dh] with ``n_l = ceil(n_leaves / 2**l)``. An odd node count is padded with a zero
-    node before pairing; that padded parent is never anybody's left sibling, so it is never read.
-    """
-    levels = [leaf_level]
-    for _ in range(1, n_levels):
-        below = levels[-1]
-        if below.shape[2] % 2:
-            below = F.pad(below, (0, 0, 0, 0, 0, 1))
-        levels.append(merge_summaries(below[:, :, 0::2], below[:, :, 1::2]))
-    return levels
-
-
-def attention_with_lse(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention that also returns the log-sum-exp of each query's logits, so that attention
-    over disjoint key sets can be merged exactly afterwards.
-
-    q: [..., Tq, Dh]; k, v: [..., Tk, Dh]; bias: additive, broadcastable to [..., Tq, Tk] (``-inf`` =
-    masked; every row must keep at least one key). Returns (out [..., Tq, Dh], lse [..., Tq] fp32).
-    Scores and statistics are kept in fp32 so fp16/bf16 inputs do not overflow.
-    """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * (q.shape[-1] ** -0.5)
-    if bias is not None:
-        scores = scores + bias
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse.unsqueeze(-1)).to(v.dtype)
-    return torch.matmul(probs, v), lse
-
-
-def causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """[size, size] additive mask: 0 where key <= query, -inf above the diagonal."""
-    upper = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
-
-
-class TreeAttentionCache:
+@dataclasses.dataclass
+class TreeAttentionCache(LayerState):
     """Decoding state of one :class:`TreeAttention` layer (see the module docstring).
 
     ``leaf_k``, ``leaf_v``: [B, H, r, Dh] rotated keys / values of the unfinished leaf (``r < leaf``).
@@ -147,11 +87,10 @@ class TreeAttentionCache:
     and ``leaf * 2**l`` raw tokens in exact mode.
     """
 
-    def __init__(self) -> None:
-        self.length = 0
-        self.leaf_k: torch.Tensor | None = None
-        self.leaf_v: torch.Tensor | None = None
-        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    length: int = 0
+    leaf_k: torch.Tensor | None = None
+    leaf_v: torch.Tensor | None = None
+    slots: list[tuple[torch.Tensor, torch.Tensor] | None] = dataclasses.field(default_factory=list)
 
     def push_node(self, level: int, keys: torch.Tensor, values: torch.Tensor, exact: bool) -> None:
         """Add a completed node at ``level``, carrying like binary addition: while the slot is taken,
@@ -168,57 +107,67 @@ class TreeAttentionCache:
             self.slots.append(None)
         self.slots[level] = (keys, values)
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select batch rows (beam search / dropping finished rows)."""
-        if self.leaf_k is not None:
-            self.leaf_k = self.leaf_k.index_select(0, index)
-            self.leaf_v = self.leaf_v.index_select(0, index)
-        self.slots = [
-            None if s is None else (s[0].index_select(0, index), s[1].index_select(0, index)) for s in self.slots
-        ]
-
     def num_cached_keys(self) -> int:
         """Keys a new token would attend to besides itself (for tests of the O(log L) claim)."""
         leaf = 0 if self.leaf_k is None else self.leaf_k.shape[2]
         return leaf + sum(s[0].shape[2] for s in self.slots if s is not None)
 
 
-class TreeAttention(nn.Module):
+@dataclasses.dataclass
+class TreeMixerConfig(MixerConfig):
+    """n_heads: heads (even head width, RoPE). leaf_size: tokens per leaf (causal attention inside it);
+    the number of levels follows from the input length. sibling_mode: "summary" (O(L log L)) or "exact"
+    (every left-sibling token, O(L^2)). n_summary: summary tokens per left sibling; must divide leaf_size
+    (checked in exact mode too, so switching modes cannot make an invalid config)."""
+
+    n_heads: int = 4
+    leaf_size: int = 32
+    sibling_mode: str = "summary"
+    n_summary: int = 8
+    rope_base: float = 10000.0
+
+    def check(self, d_model: int) -> None:
+        check_heads(d_model, self.n_heads)
+        check_positive_int("leaf_size", self.leaf_size)
+        check_choice("sibling_mode", self.sibling_mode, SIBLING_MODES)
+        check_positive_int("n_summary", self.n_summary)
+        if self.leaf_size % self.n_summary:
+            raise config_error("n_summary", self.n_summary, f"must divide leaf_size={self.leaf_size}")
+        check_positive_float("rope_base", self.rope_base)
+
+
+@register_mixer("tree", config=TreeMixerConfig)
+class TreeAttention(Mixer):
     """Multi-head causal tree attention. x: [B, L, D] -> [B, L, D].
 
-    ``sibling_mode`` is "exact" or "summary" (module docstring). With ``cache`` (a
-    :class:`TreeAttentionCache`), an empty cache is filled by the batched forward (prefill); a non-empty
-    one is extended token by token or chunk by chunk, with rotary positions continuing from
-    ``cache.length``.
+    ``sibling_mode`` is "exact" or "summary" (module docstring). An empty state is filled by the batched
+    forward (prefill); a non-empty one is extended token by token or chunk by chunk, with rotary
+    positions continuing from ``state.length``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        leaf_size: int,
-        sibling_mode: str = "summary",
-        n_summary: int = 8,
-        rope_base: float = 10000.0,
-        bias: bool = False,
-    ) -> None:
-        super().__init__()
-        if d_model % n_heads != 0:
-            raise ValueError(f"d_model={d_model}: must be divisible by n_heads={n_heads}")
-        if sibling_mode not in SIBLING_MODES:
-            raise ValueError(f"sibling_mode={sibling_mode!r}: must be one of {list(SIBLING_MODES)}")
-        if leaf_size < 1:
-            raise ValueError(f"leaf_size={leaf_size}: must be a positive integer")
-        if n_summary < 1 or leaf_size % n_summary:
-            raise ValueError(f"n_summary={n_summary}: must be a positive divisor of leaf_size={leaf_size}")
-        self.n_heads = n_heads
-        self.head_dim = d_model // n_heads
-        self.leaf_size = leaf_size
-        self.sibling_mode = sibling_mode
-        self.n_summary = n_summary
-        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
-        self.out = nn.Linear(d_model, d_model, bias=bias)
-        self.rotary = RotaryEmbedding(self.head_dim, rope_base)
+    state_class = TreeAttentionCache
+
+    def __init__(self, d_model: int, cfg: TreeMixerConfig) -> None:
+        super().__init__(d_model, cfg)
+        self.n_heads = cfg.n_heads
+        self.head_dim = d_model // cfg.n_heads
+        self.leaf_size = cfg.leaf_size
+        self.sibling_mode = cfg.sibling_mode
+        self.n_summary = cfg.n_summary
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        self.out_proj = nn.Linear(d_model, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_base)
+
+    def tbptt_refusal(self) -> str | None:
+        if self.exact:
+            return "sibling_mode='exact' keeps every past key, so its state grows without bound; use 'summary'"
+        return None
+
+    def state_size(self, seq_len: int) -> int:
+        n_leaves, rest = divmod(seq_len, self.leaf_size)
+        if self.exact:
+            return 2 * seq_len * self.d_model
+        return 2 * self.d_model * (rest + self.n_summary * bin(n_leaves).count("1"))
 
     @property
     def exact(self) -> bool:
@@ -229,19 +178,22 @@ class TreeAttention(nn.Module):
         return math.log((self.leaf_size << level) // self.n_summary)
 
     # ------------------------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor, cache: TreeAttentionCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: TreeAttentionCache | None = None, use_cache: bool = False, need_aux: bool = False
+    ) -> tuple[torch.Tensor, TreeAttentionCache | None, None]:
         B, L, D = x.shape
+        if state is None and use_cache:
+            state = TreeAttentionCache()
         qkv = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
-        offset = cache.length if cache is not None else 0
-        q, k = self.rotary(q, k, offset)
-        if cache is not None and cache.length > 0:
-            y = self._extend_cache(q, k, v, cache)
+        q, k = self.rotary(q, k, state.length if state is not None else 0)
+        if state is not None and state.length > 0:
+            y = self._extend_cache(q, k, v, state)
         else:
             y = self._full(q, k, v)
-            if cache is not None:
-                self._fill_cache(k, v, cache)
-        return self.out(y.transpose(1, 2).reshape(B, L, D))
+            if state is not None:
+                self._fill_cache(k, v, state)
+        return self.out_proj(y.transpose(1, 2).reshape(B, L, D)), state, None
 
     def _full(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Batched attention for positions 0 .. L-1. q, k, v: [B, H, L, Dh] -> [B, H, L, Dh]."""

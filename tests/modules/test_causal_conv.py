@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hierseq.layers.causal_conv import CausalDepthwiseConv1d
+from hierseq.modules.causal_conv import CausalDepthwiseConv1d
 
 ATOL = 1e-6
 

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from hierseq.layers.state_cache import LayerStateCache
+from hierseq.modules.state_cache import LayerStateCache
 
 
 class _Pair(NamedTuple):

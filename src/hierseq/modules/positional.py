@@ -77,3 +77,14 @@ class RotaryEmbedding(nn.Module):
         q_rot = q * cos + self._rotate_half(q) * sin
         k_rot = k * cos + self._rotate_half(k) * sin
         return q_rot, k_rot
+
+    @staticmethod
+    def shift(x: torch.Tensor, delta: int, base: float = 10000.0) -> torch.Tensor:
+        """Move already-rotated vectors x: [..., Dh] by ``delta`` positions (negative: back). The angle is
+        formed in float64, so re-basing keys from a large position loses no precision."""
+        head_dim = x.shape[-1]
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        angle = torch.remainder(delta * inv_freq, 2 * torch.pi)
+        angle = torch.cat((angle, angle)).to(device=x.device)
+        cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+        return x * cos + RotaryEmbedding._rotate_half(x) * sin

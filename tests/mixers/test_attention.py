@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hierseq.layers.attention import CausalSelfAttention, KVCache, causal_mask_with_offset
+from hierseq.mixers.attention import CausalSelfAttention, KVCache, causal_mask_with_offset
 
 ATOL = 1e-5
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hierseq.layers.norms import LayerNorm, RMSNorm, make_norm
+from hierseq.modules.norms import LayerNorm, RMSNorm, make_norm
 
 
 def test_rmsnorm_output_has_unit_rms_and_is_scaled_by_weight():

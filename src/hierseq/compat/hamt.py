@@ -1,0 +1,91 @@
+"""The HAMT seed's API: ``HAMTConfig`` (the seed's field names) and ``HAMTModel`` (the ``hamt`` LM)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from ..config import check_positive_int, config_error
+from ..models.causal_lms import HAMTLM, HAMTLMConfig
+
+_SEED_BINDINGS = {
+    "elementwise": "elementwise",
+    "bipolar": "elementwise",
+    "circular": "circular",
+    "circular_conv": "circular",
+    "circular_convolution": "circular",
+    "hrr": "circular",
+}
+
+
+@dataclasses.dataclass
+class HAMTConfig:
+    """The seed's configuration, by the seed's field names; :meth:`to_model_config` maps it onto
+    :class:`HAMTLMConfig` (hidden_dim -> d_model, num_layers -> n_layers, binding_type -> binding, ...).
+
+    decay_rate is the per-token retention factor (memory *= decay_rate) of the fastest slot at init.
+    ``max_seq_len`` and ``bptt_horizon`` are accepted for compatibility: the model has no length limit,
+    and the truncated-BPTT horizon is the trainer's ``seq_len`` with ``tbptt: true``.
+    The README's demo size is ``HAMTConfig(hidden_dim=256, hcm_dim=1024, num_layers=4, num_slots=8)``.
+    """
+
+    vocab_size: int = 256
+    hidden_dim: int = 512
+    hcm_dim: int = 2048
+    num_layers: int = 8
+    num_slots: int = 8
+    binding_type: str = "elementwise"
+    key_type: str = "bipolar"
+    use_gating: bool = True
+    decay_rate: float = 0.95
+    aux_loss_weight: float = 0.01
+    dropout: float = 0.0
+    max_seq_len: int = 2048
+    bptt_horizon: int = 512
+    chunk_size: int = 32
+    conv_kernel: int = 4
+
+    def __post_init__(self) -> None:
+        if self.binding_type not in _SEED_BINDINGS:
+            raise config_error("binding_type", self.binding_type, f"must be one of {sorted(_SEED_BINDINGS)}")
+        check_positive_int("max_seq_len", self.max_seq_len)
+        check_positive_int("bptt_horizon", self.bptt_horizon)
+        self.to_model_config()  # validates every mapped field with the model's own rules
+
+    def to_model_config(self) -> HAMTLMConfig:
+        return HAMTLMConfig(
+            vocab_size=self.vocab_size,
+            d_model=self.hidden_dim,
+            n_layers=self.num_layers,
+            dropout=self.dropout,
+            hcm_dim=self.hcm_dim,
+            num_slots=self.num_slots,
+            binding=_SEED_BINDINGS[self.binding_type],
+            key_type=self.key_type,
+            use_gating=self.use_gating,
+            decay_rate=self.decay_rate,
+            aux_loss_weight=self.aux_loss_weight,
+            conv_kernel=self.conv_kernel,
+            chunk_size=self.chunk_size,
+        )
+
+
+class HAMTModel(HAMTLM):
+    """The registered ``hamt`` LM, built from a seed :class:`HAMTConfig` or a :class:`HAMTLMConfig`
+    (``model.config`` is always the latter, so ``hierseq.save`` / ``load`` treat it as ``hamt``)."""
+
+    def __init__(self, config: HAMTLMConfig | HAMTConfig) -> None:
+        if isinstance(config, HAMTConfig):
+            config = config.to_model_config()
+        if not isinstance(config, HAMTLMConfig):
+            raise TypeError(f"config: expected HAMTLMConfig or HAMTConfig, got {type(config).__name__}")
+        super().__init__(config)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **sampling: Any) -> torch.Tensor:
+        """Seed-compatible shortcut for :func:`hierseq.generate` (recurrent, O(1) memory per token)."""
+        from ..generation import generate
+
+        return generate(self, input_ids, max_new_tokens, **sampling)

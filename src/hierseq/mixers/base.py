@@ -1,0 +1,122 @@
+"""What every token mixer is: one signature, one config convention, one registry.
+
+A mixer maps x: [B, L, D] to y: [B, L, D], causally, and may carry a decoding state::
+
+    y, state, aux = mixer(x, state=None, use_cache=False, need_aux=False)
+
+* ``state`` is the mixer's :class:`~hierseq.modules.state.LayerState` after earlier tokens (None: an
+  empty past). Given a state, or with ``use_cache=True``, the mixer returns the state after x (it may
+  advance the given object in place); otherwise it returns None.
+* ``aux`` is a scalar auxiliary loss (before weighting) or None; mixers without one return None, and
+  mixers whose aux costs a pass of its own compute it only when ``need_aux`` is true.
+
+Every mixer names its residual output projection ``out_proj`` (the shell's init scales it by depth,
+by that role, whatever the mixer calls its other layers) and may override :meth:`reset_special_parameters`
+for the inits the generic one must not touch (conv taps, decay rates, dt, ...).
+
+A mixer's options are a :class:`MixerConfig` dataclass. A causal LM's config inherits its mixer's
+config, so the fields sit flat in the model config (``n_heads``, ``leaf_size``, ...); in a per-layer
+schedule a mixer reads its fields from the model config where the names exist, and from
+``mixer_options[name]`` over its own defaults (see :func:`resolve_mixer_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..modules.state import LayerState
+
+__all__ = [
+    "MIXERS",
+    "Mixer",
+    "MixerConfig",
+    "get_mixer",
+    "register_mixer",
+    "resolve_mixer_config",
+]
+
+
+@dataclasses.dataclass
+class MixerConfig:
+    """Base of every mixer's options. ``check(d_model)`` validates them (ValueError: field, value, rule)."""
+
+    def check(self, d_model: int) -> None:
+        """Raise ValueError when a field is invalid for this width."""
+
+
+class Mixer(nn.Module):
+    """Base class: subclasses set ``config_class`` (via :func:`register_mixer`) and implement forward."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[MixerConfig]] = MixerConfig
+    #: the per-layer state type (None for a mixer that keeps none, which cannot decode).
+    state_class: ClassVar[type[LayerState] | None] = None
+    out_proj: nn.Linear
+
+    def __init__(self, d_model: int, cfg: MixerConfig) -> None:
+        super().__init__()
+        self.d_model = d_model
+        self.cfg = cfg
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: LayerState | None = None,
+        use_cache: bool = False,
+        need_aux: bool = False,
+    ) -> tuple[torch.Tensor, LayerState | None, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def reset_special_parameters(self) -> None:
+        """Re-apply inits the shell's generic init (normal weights, zero biases) must not override."""
+
+    def state_size(self, seq_len: int) -> int:
+        """Floats of decoding state per batch row after ``seq_len`` tokens."""
+        raise NotImplementedError(f"{type(self).__name__}.state_size")
+
+    def tbptt_refusal(self) -> str | None:
+        """Why this mixer cannot carry its state across truncated-BPTT segments (None: it can)."""
+        return None
+
+
+MIXERS: dict[str, type[Mixer]] = {}
+
+
+def register_mixer(name: str, config: type[MixerConfig]) -> Callable[[type[Mixer]], type[Mixer]]:
+    """Class decorator: ``@register_mixer("attention", config=AttentionConfig)``."""
+
+    def deco(cls: type[Mixer]) -> type[Mixer]:
+        if name in MIXERS and MIXERS[name] is not cls:
+            raise ValueError(f"mixer={name!r}: a different mixer is already registered under it")
+        cls.name, cls.config_class = name, config
+        MIXERS[name] = cls
+        return cls
+
+    return deco
+
+
+def get_mixer(name: str) -> type[Mixer]:
+    from . import _ensure_imported
+
+    _ensure_imported()
+    if name not in MIXERS:
+        raise ValueError(f"mixers: {name!r}: unknown mixer; registered mixers: {sorted(MIXERS)}")
+    return MIXERS[name]
+
+
+def resolve_mixer_config(name: str, model_config: Any, options: dict[str, Any] | None = None) -> MixerConfig:
+    """Mixer ``name``'s config: its defaults, then same-named fields of ``model_config``, then ``options``."""
+    cls = get_mixer(name).config_class
+    fields = [f.name for f in dataclasses.fields(cls)]
+    values = {f: getattr(model_config, f) for f in fields if hasattr(model_config, f)}
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ValueError(f"mixer_options.{name}.{unknown[0]}={options[unknown[0]]!r}: unknown field; known: {fields}")
+    values.update(options)
+    return cls(**values)

@@ -1,0 +1,206 @@
+"""HAMT: a Holographic Associative Memory Transformer that recalls by content (seed ``002_695ec01f11c2bdd6``).
+
+Each block replaces self-attention with a holographic memory of ``num_slots`` vectors of size
+``hcm_dim`` per layer (its whole state: O(1) in the context length). Token t
+
+* projects a key, a query and a value (after a short causal depthwise convolution, so the key can be
+  "the previous token" and the value "this token", the classic associative-recall circuit);
+* writes ``bind(key_t, value_t)`` into every slot s with weight ``w^s_t = g_t * r^s_t`` (a sigmoid write
+  gate times a softmax write router over slots, both from content) after decaying the slot by a
+  data-dependent forget factor ``a^s_t`` in (0, 1):
+
+      M^s_t = a^s_t * M^s_{t-1} + w^s_t * bind(key_t, value_t)          (never renormalised)
+
+* reads ``unbind(sum_s c^s_t M^s_t, query_t)`` with read-mixing weights c_t (a softmax over slots),
+  RMS-normalises the read-out, applies an output gate silu(W x_t) and projects back to d_model.
+
+Because unbinding is linear in the memory and the query is shared by the slots, mixing the slots first
+and unbinding once is exact. The slot memory is then a gated linear recurrence with scalar (per-slot)
+decays, computed two ways that agree to float tolerance:
+
+* :func:`slot_memory_chunked` (training, prefill): within chunks of ``chunk_size`` tokens a causal
+  [C, C] mixing matrix built from *differences* of cumulative log-decays (each exp argument <= 0, so
+  nothing overflows) times the bound vectors (one batched matmul); across chunks the carried state
+  by a linear scan over chunk totals (as in gated linear attention / Mamba-2). No loop over tokens.
+* :func:`slot_memory_step` (generation): one token, cost independent of the context length.
+* :func:`slot_memory_reference`: the recurrence above as a loop over time, for tests.
+
+What the seed got wrong and this file fixes (see ``specs/hamt.md``): keys are a function of content,
+not random vectors redrawn per call (so recall works and eval is deterministic); slots are addressable
+through the routers instead of identical moving averages; the memory is not renormalised each step;
+there is a parallel training form; generation steps the recurrent state instead of re-running the
+prefix; and the auxiliary loss measures *retention* (reading back values written earlier in the chunk
+from the chunk's final state) instead of rewarding overwriting.
+
+The slot-memory op is in ``ops/slot_memory.py``; the seed's API (``HAMTMixerConfig``, ``HAMTModel``) is in
+``compat/hamt.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import check_bool, check_choice, check_nonneg_int, check_positive_int, config_error
+from ..modules.causal_conv import CausalDepthwiseConv1d
+from ..modules.norms import RMSNorm
+from ..ops.slot_memory import slot_memory_chunked, slot_memory_step
+from ..ops.vsa import BINDINGS, KEY_TYPES, bind, make_key, unbind
+from .base import Mixer, MixerConfig, register_mixer
+from .linear_attention import RecurrentState
+
+
+@dataclasses.dataclass
+class HAMTMixerConfig(MixerConfig):
+    """hcm_dim: size M of each memory slot (0 = 2 * d_model). num_slots: S slots per layer; state per
+    layer is S * M floats plus the conv window. binding: "elementwise" or "circular" (FFT). key_type:
+    "bipolar", "unitary" or "l2" (see ``ops/vsa.py``). use_gating: data-dependent write gate and decay
+    (False: always write, a learned constant decay per slot). decay_rate: per-token retention of the
+    fastest slot at init; slot s starts at decay_rate ** (2 ** -s), so slots span time scales.
+    conv_kernel: width of the short causal conv on q/k/v. chunk_size: chunk length of the parallel path
+    (speed only, not the result).
+    """
+
+    hcm_dim: int = 0
+    num_slots: int = 4
+    binding: str = "elementwise"
+    key_type: str = "bipolar"
+    use_gating: bool = True
+    decay_rate: float = 0.95
+    conv_kernel: int = 4
+    chunk_size: int = 32
+
+    def check(self, d_model: int) -> None:
+        check_nonneg_int("hcm_dim", self.hcm_dim)
+        check_positive_int("num_slots", self.num_slots)
+        check_choice("binding", self.binding, BINDINGS)
+        check_choice("key_type", self.key_type, KEY_TYPES)
+        check_bool("use_gating", self.use_gating)
+        if isinstance(self.decay_rate, bool) or not isinstance(self.decay_rate, (int, float)):
+            raise config_error("decay_rate", self.decay_rate, "must be a number in (0, 1)")
+        if not 0.0 < self.decay_rate < 1.0:
+            raise config_error("decay_rate", self.decay_rate, "must be in (0, 1) (per-token retention)")
+        check_positive_int("conv_kernel", self.conv_kernel)
+        check_positive_int("chunk_size", self.chunk_size)
+
+
+@register_mixer("hamt", config=HAMTMixerConfig)
+class HolographicMemoryMixer(Mixer):
+    """The attention replacement. x: [B, L, D] -> [B, L, D]; state: :class:`RecurrentState`
+    (conv window [B, 3M, K-1], memory [B, S, M]); aux: the retention loss."""
+
+    state_class = RecurrentState
+
+    def __init__(self, d_model: int, cfg: HAMTMixerConfig) -> None:
+        super().__init__(d_model, cfg)
+        d, m, s = d_model, cfg.hcm_dim or 2 * d_model, cfg.num_slots
+        self.memory_dim, self.num_slots = m, s
+        self.in_proj = nn.Linear(d, 3 * m, bias=False)  # raw query, key, value
+        self.conv = CausalDepthwiseConv1d(3 * m, cfg.conv_kernel)
+        self.write_router = nn.Linear(m, s)  # from the raw key: where a pair is stored
+        self.read_router = nn.Linear(m, s)  # from the raw query: which slots a read mixes
+        # Per-slot decay offsets; with gating, x_t adds a data-dependent part and sets the write gate.
+        self.decay_bias = nn.Parameter(torch.zeros(s))
+        self.gate_proj = nn.Linear(d, s + 1) if cfg.use_gating else None
+        self.read_norm = RMSNorm(m)
+        self.out_gate = nn.Linear(d, m, bias=False)
+        self.out_proj = nn.Linear(m, d, bias=False)
+
+    def reset_special_parameters(self) -> None:
+        """Inits the generic init (normal weights, zero biases) must not override."""
+        self.conv.reset_parameters()
+        with torch.no_grad():  # a shared conv bias would add one common direction to every value and key
+            self.conv.bias.zero_()
+        # Slot s forgets -log(decay_rate) * 2^-s per token at init: time scales 1/(1-r), 2/(1-r), ...
+        forget = -math.log(self.cfg.decay_rate) * 0.5 ** torch.arange(self.num_slots, dtype=torch.float32)
+        with torch.no_grad():
+            self.decay_bias.copy_(torch.log(torch.expm1(forget)))  # softplus^-1
+            if self.gate_proj is not None:
+                self.gate_proj.bias[-1] = 2.0  # write gate sigmoid(2) ~ 0.88: write by default
+
+    def _features(self, qkv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """qkv: [..., 3M] after the conv; x: [..., D] the block input at the same positions.
+        Returns query, key, value [..., M] and write, log_decay, read [..., S]."""
+        q_raw, k_raw, value = qkv.split(self.memory_dim, dim=-1)
+        query = make_key(q_raw, self.cfg.key_type, self.cfg.binding)
+        key = make_key(k_raw, self.cfg.key_type, self.cfg.binding)
+        route = self.write_router(k_raw).softmax(-1)
+        read = self.read_router(q_raw).softmax(-1)
+        if self.gate_proj is not None:
+            gates = self.gate_proj(x)
+            log_decay = -F.softplus(gates[..., :-1] + self.decay_bias)
+            write = torch.sigmoid(gates[..., -1:]) * route
+        else:
+            log_decay = -F.softplus(self.decay_bias).expand_as(route)
+            write = route
+        return query, key, value, write, log_decay, read
+
+    def _output(self, memory_read: torch.Tensor, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Unbind the slot-mixed memory [..., M] with the query, normalise, gate, project -> [..., D]."""
+        value_estimate = unbind(memory_read, query, self.cfg.binding)
+        return self.out_proj(self.read_norm(value_estimate) * F.silu(self.out_gate(x)))
+
+    def state_size(self, seq_len: int) -> int:
+        """Memory S * M plus the conv window 3M * (K - 1), whatever the length."""
+        return self.num_slots * self.memory_dim + self.conv.channels * self.conv.state_len
+
+    def forward(
+        self, x: torch.Tensor, state: RecurrentState | None = None, use_cache: bool = False, need_aux: bool = False
+    ) -> tuple[torch.Tensor, RecurrentState | None, torch.Tensor | None]:
+        """x: [B, L, D]; state: the state after earlier tokens, or None.
+        Returns (y [B, L, D], the state after x (None unless a state or use_cache), retention loss or None)."""
+        y, (conv_state, memory), aux = self._forward(x, state, need_aux)
+        return y, (RecurrentState(conv_state, memory) if use_cache or state is not None else None), aux
+
+    def _forward(
+        self, x: torch.Tensor, state: RecurrentState | None, want_aux: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        conv_state, memory = (None, None) if state is None else (state.conv, state.memory)
+        if state is not None and x.shape[1] == 1:
+            return self._step(x, conv_state, memory, want_aux)
+        qkv, conv_state = self.conv(self.in_proj(x), conv_state, return_state=True)
+        query, key, value, write, log_decay, read = self._features(qkv, x)
+        bound = bind(key, value, self.cfg.binding)
+        mixed, memory, chunk_states = slot_memory_chunked(
+            bound, write, log_decay, read, memory, self.cfg.chunk_size, return_chunk_states=True
+        )
+        aux = self._retention_loss(key, value, write, chunk_states) if want_aux else None
+        return self._output(mixed, query, x), (conv_state, memory), aux
+
+    def _step(
+        self, x: torch.Tensor, conv_state: torch.Tensor, memory: torch.Tensor, want_aux: bool
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], torch.Tensor | None]:
+        """One token with carried state: x [B, 1, D]; cost independent of how many tokens came before."""
+        x_t = x[:, 0]
+        qkv_t, conv_state = self.conv.step(self.in_proj(x_t), conv_state)
+        query, key, value, write, log_decay, read = self._features(qkv_t, x_t)
+        mixed, memory = slot_memory_step(bind(key, value, self.cfg.binding), write, log_decay, read, memory)
+        aux = self._retention_loss(key[:, None], value[:, None], write[:, None], memory[:, None]) if want_aux else None
+        return self._output(mixed, query, x_t).unsqueeze(1), (conv_state, memory), aux
+
+    def _retention_loss(
+        self, key: torch.Tensor, value: torch.Tensor, write: torch.Tensor, chunk_states: torch.Tensor
+    ) -> torch.Tensor:
+        """How well the state at the end of each chunk still returns the values written in that chunk.
+
+        key, value: [B, L, M]; write: [B, L, S]; chunk_states: [B, n, S, M] (end of each chunk of the
+        parallel path's chunking). For every position j, read the chunk-end state through j's own
+        write routing, unbind with key_j and compare with value_j: mean (1 - cosine). Overwriting or
+        forgetting raises it; unlike the seed's loss, rewriting everything cannot lower it.
+        """
+        batch, length, dim = value.shape
+        n_chunks = chunk_states.shape[1]
+        chunk = -(-length // n_chunks)
+        pad = n_chunks * chunk - length
+        key, value, write = (F.pad(t, (0, 0, 0, pad)) for t in (key, value, write))
+        key, value = (t.reshape(batch, n_chunks, chunk, dim) for t in (key, value))
+        write = write.reshape(batch, n_chunks, chunk, -1)
+        route = write / write.sum(-1, keepdim=True).clamp_min(1e-6)  # routing, without the write gate
+        memory = torch.einsum("bncs,bnsm->bncm", route, chunk_states)
+        recalled = unbind(memory, key, self.cfg.binding)
+        cos = F.cosine_similarity(recalled, value, dim=-1, eps=1e-6).reshape(batch, -1)[:, :length]
+        return (1.0 - cos).mean()

@@ -1,0 +1,180 @@
+"""Every causal LM of hierseq: a registration of the shared shell over one mixer (or a per-layer schedule).
+
+A model here is its config (the shell's fields + its mixer's, flat, so ``--set n_heads=2`` works) and the
+name of its mixer; ``build_model("tree")`` and ``build_model("transformer")`` differ only in the mixer.
+A hybrid is a config: ``build_model("hamt", mixers=["hamt", "attention"], mixer_options={"attention":
+{"n_heads": 4}})`` alternates the two mixers over the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..config import LMConfig, config_error
+from ..mixers.attention import AttentionMixerConfig
+from ..mixers.base import get_mixer, resolve_mixer_config
+from ..mixers.hamt import HAMTMixerConfig
+from ..mixers.linear_attention import LinearAttentionMixerConfig
+from ..mixers.maha import MAHAMixerConfig
+from ..mixers.mamba import MambaMixerConfig
+from ..mixers.tree import TreeMixerConfig
+from ..modules.causal_lm import CausalLM
+from ..registry import register
+
+
+@dataclass
+class CausalLMConfig(LMConfig):
+    """A causal LM's config: the shell's fields, then (in subclasses) its mixer's."""
+
+    #: the mixer every layer uses when ``mixers`` is empty.
+    mixer_name: ClassVar[str] = ""
+
+    def layer_mixers(self) -> list[str]:
+        """The mixer of every layer: ``mixers`` repeated to ``n_layers``, or the model's own mixer."""
+        schedule = list(self.mixers) or [self.mixer_name]
+        return schedule * (self.n_layers // len(schedule))
+
+    def mixer_config(self, name: str) -> Any:
+        return resolve_mixer_config(name, self, self.mixer_options.get(name))
+
+    def validate(self) -> None:
+        super().validate()
+        names = set(self.layer_mixers())
+        for name in self.mixer_options:
+            if name not in names:
+                raise config_error("mixer_options", name, f"is not a mixer of this model; its mixers: {sorted(names)}")
+        for name in sorted(names):
+            try:
+                get_mixer(name)
+            except ValueError as exc:
+                raise config_error("mixers", list(self.mixers), str(exc)) from None
+            self.mixer_config(name).check(self.d_model)
+
+
+class MixerLM(CausalLM):
+    """The shell over the mixers its config names (one registration per model name below)."""
+
+    def __init__(self, config: CausalLMConfig) -> None:
+        names = config.layer_mixers()
+        configs = {name: config.mixer_config(name) for name in set(names)}
+        super().__init__(config, lambda i: get_mixer(names[i])(config.d_model, configs[names[i]]))
+
+
+def _small(**extra: Any) -> dict[str, Any]:
+    return {"d_model": 32, "n_layers": 2, **extra}
+
+
+@dataclass
+class TransformerConfig(AttentionMixerConfig, CausalLMConfig):
+    """The control: pre-norm, RoPE, SwiGLU, tied embeddings, KV-cache decoding."""
+
+    mixer_name: ClassVar[str] = "attention"
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        return _small(n_heads=2)
+
+
+@dataclass
+class TreeConfig(TreeMixerConfig, CausalLMConfig):
+    """Tree attention decoder: causal leaf attention + one left sibling per level (``mixers/tree.py``)."""
+
+    mixer_name: ClassVar[str] = "tree"
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        # leaf 8 makes the conformance lengths (45, 80 tokens) span 6-10 leaves and 3-4 tree levels.
+        return _small(n_heads=2, leaf_size=8, n_summary=4)
+
+
+@dataclass
+class HAMTLMConfig(HAMTMixerConfig, CausalLMConfig):
+    """Holographic associative memory (``mixers/hamt.py``); aux = the retention loss."""
+
+    mixer_name: ClassVar[str] = "hamt"
+    aux_loss_weight: float = 0.01
+
+    @property
+    def memory_dim(self) -> int:
+        """M, the resolved slot size."""
+        return self.hcm_dim or 2 * self.d_model
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        # chunk_size 16 so the conformance lengths (45, 80) cross several chunk boundaries.
+        return _small(hcm_dim=32, num_slots=2, chunk_size=16)
+
+
+@dataclass
+class MAHAConfig(MAHAMixerConfig, CausalLMConfig):
+    """Multiscale aggregated attention (``mixers/maha.py``); aux = the scale load-balancing term."""
+
+    mixer_name: ClassVar[str] = "maha"
+    aux_loss_weight: float = 0.01
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.causal:
+            raise config_error(
+                "causal", self.causal, "the maha language model must be causal; use MAHATransformer(causal=False)"
+            )
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        # window 8 and r = 2 so that short test sequences (33-80 tokens) cross many windows at every
+        # scale and reach the coarsest scale (needs r^(S-1) = 4 tokens).
+        return _small(n_heads=2, n_scales=3, downsample=2, window=8)
+
+
+@dataclass
+class LinearAttentionConfig(LinearAttentionMixerConfig, CausalLMConfig):
+    """Plain causal linear attention (``mixers/linear_attention.py``)."""
+
+    mixer_name: ClassVar[str] = "linear_attn"
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        return _small(n_heads=2, chunk_size=16)
+
+
+@dataclass
+class MambaConfig(MambaMixerConfig, CausalLMConfig):
+    """The second control: Mamba blocks (``mixers/mamba.py``), no MLP by default as in the reference."""
+
+    mixer_name: ClassVar[str] = "mamba"
+    mlp: str = "none"
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        return _small(d_state=8)
+
+
+@register("transformer", config=TransformerConfig)
+class TransformerLM(MixerLM):
+    pass
+
+
+@register("tree", config=TreeConfig)
+class TreeLM(MixerLM):
+    pass
+
+
+@register("hamt", config=HAMTLMConfig)
+class HAMTLM(MixerLM):
+    pass
+
+
+@register("maha", config=MAHAConfig)
+class MAHALM(MixerLM):
+    pass
+
+
+@register("linear_attn", config=LinearAttentionConfig)
+class LinearAttentionLM(MixerLM):
+    pass
+
+
+@register("mamba", config=MambaConfig)
+class MambaLM(MixerLM):
+    pass

@@ -1,0 +1,32 @@
+"""THE pre-norm residual block, for every causal LM: ``Block(mixer, mlp, norm)``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .state import LayerState
+
+
+class Block(nn.Module):
+    """x + mixer(norm(x)), then x + mlp(norm(x)) (no second half when ``mlp`` is None). x: [B, L, D].
+
+    ``mixer`` follows the mixer signature (``mixers/base.py``); its state and aux loss pass through.
+    """
+
+    def __init__(self, mixer: nn.Module, mlp: nn.Module | None, norm: Callable[[], nn.Module], dropout: float) -> None:
+        super().__init__()
+        self.mixer_norm, self.mixer = norm(), mixer
+        self.mlp_norm, self.mlp = (norm(), mlp) if mlp is not None else (None, None)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, state: LayerState | None = None, use_cache: bool = False, need_aux: bool = False
+    ) -> tuple[torch.Tensor, LayerState | None, torch.Tensor | None]:
+        h, state, aux = self.mixer(self.mixer_norm(x), state, use_cache, need_aux)
+        x = x + self.resid_dropout(h)
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state, aux
