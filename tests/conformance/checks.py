@@ -241,10 +241,13 @@ def assert_cached_decoding_matches(
     segments: Sequence[int] = (5,) + (1,) * 35 + (13,) + (1,) * 27,
     atol: float = 1e-4,
     batch: int = 2,
+    continue_with_use_cache: bool = True,
 ) -> None:
-    """Feed the sequence in ``segments`` (a prefill, then single tokens and multi-token chunks, each with
-    the cache returned by the previous call) and compare every logit with one full forward pass.
-    The default covers 80 tokens, past a 64-slot cache buffer's first growth."""
+    """Feed the sequence in ``segments`` (a prefill with ``use_cache=True``, then single tokens and
+    multi-token chunks, each with the cache returned by the previous call) and compare every logit with
+    one full forward pass. The default covers 80 tokens, past a 64-slot cache buffer's first growth.
+    ``continue_with_use_cache=False`` passes the cache without ``use_cache`` after the prefill: by the
+    protocol's rule a given cache is advanced all the same (and returned as the same object)."""
     length = sum(segments)
     ids = random_ids(batch, length, vocab, seed=3)
     full = logits_of(model, ids)
@@ -252,10 +255,13 @@ def assert_cached_decoding_matches(
     cache = None
     start = 0
     with torch.no_grad():
-        for size in segments:
-            out = model(ids[:, start : start + size], cache=cache, use_cache=True)
+        for i, size in enumerate(segments):
+            use_cache = continue_with_use_cache or i == 0
+            out = model(ids[:, start : start + size], cache=cache, use_cache=use_cache)
             assert out.cache is not None, "use_cache=True returned no cache"
+            assert cache is None or out.cache is cache, "a given cache must be advanced in place and returned"
             cache = out.cache
+            assert cache.length == start + size, f"cache.length={cache.length}, expected {start + size}"
             pieces.append(out.logits)
             start += size
     cached = torch.cat(pieces, dim=1)
@@ -266,6 +272,60 @@ def assert_cached_decoding_matches(
         f"cached logits differ from the full forward: max {diff.max().item():.3g} at position {worst} "
         f"(segments {list(segments)[:4]}...)"
     )
+
+
+def prefill_then_steps(prefix: int, steps: Sequence[int], total: int) -> tuple[int, ...]:
+    """Segments: ``prefix`` tokens, then ``steps`` cycled until ``total`` tokens (the last one cut)."""
+    segments, filled, i = [prefix], prefix, 0
+    while filled < total:
+        size = min(steps[i % len(steps)], total - filled)
+        segments.append(size)
+        filled, i = filled + size, i + 1
+    return tuple(segments)
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    for layer in state.layers:
+        if layer is not None:
+            layer.map(lambda t: found.append(t) or t)
+    return found
+
+
+def assert_detach_keeps_values_and_cuts_graph(
+    model: nn.Module, vocab: int, prefix: int = 23, length: int = 41, atol: float = 1e-4
+) -> None:
+    """A state built with gradients on holds a graph; ``detach()`` (in place, returns itself) leaves no
+    tensor with a graph, and continuing from it gives the logits of the full forward."""
+    ids = random_ids(2, length, vocab, seed=11)
+    full = logits_of(model, ids)
+    state = model(ids[:, :prefix], use_cache=True).cache
+    assert any(t.requires_grad for t in _state_tensors(state)), "the state built with grad enabled has no graph"
+    assert state.detach() is state, "detach() must work in place and return the state"
+    assert all(t.grad_fn is None and not t.requires_grad for t in _state_tensors(state)), "detach() left a graph"
+    assert state.length == prefix
+    with torch.no_grad():
+        rest = model(ids[:, prefix:], cache=state).logits
+    diff = (rest - full[:, prefix:]).abs().max().item()
+    assert diff <= atol, f"continuing from a detached state differs from the full forward by {diff:.3g}"
+
+
+def assert_state_round_trips(model: nn.Module, vocab: int, prefix: int = 21, length: int = 37) -> None:
+    """``DecodingState.from_state_dict(state.state_dict())``, also through the checkpoint's tensor
+    encoding, continues exactly (bit for bit) as the original state does."""
+    from hierseq.modules.state import DecodingState
+    from hierseq.training.checkpoint import decode_state, encode_state
+
+    ids = random_ids(2, length, vocab, seed=12)
+    with torch.no_grad():
+        state = model(ids[:, :prefix], use_cache=True).cache
+        tensors: dict[str, torch.Tensor] = {}
+        encoded = encode_state(state.state_dict(), tensors)
+        restored = DecodingState.from_state_dict(decode_state(encoded, tensors))
+        assert restored.length == state.length and restored.num_floats() == state.num_floats()
+        expected = model(ids[:, prefix:], cache=state).logits
+        got = model(ids[:, prefix:], cache=restored).logits
+    assert torch.equal(got, expected), f"restored state continues differently: {(got - expected).abs().max():.3g}"
 
 
 def assert_greedy_generate_matches_full(

@@ -17,6 +17,9 @@ from .checks import (
     assert_cached_decoding_matches,
     assert_causal_by_gradient,
     assert_causal_by_perturbation,
+    assert_detach_keeps_values_and_cuts_graph,
+    assert_state_round_trips,
+    prefill_then_steps,
     assert_clear_input_errors,
     assert_deterministic,
     assert_forward_shapes,
@@ -66,6 +69,21 @@ def test_cached_decoding_matches_full_forward(causal_lm_name: str) -> None:
     assert_cached_decoding_matches(model, V, segments=(5,) + (1,) * 35 + (13,) + (1,) * 27)
     # a one-token prefill followed by one long chunk that itself crosses 64.
     assert_cached_decoding_matches(model, V, segments=(1, 70, 1, 1, 1))
+
+
+def test_prefill_then_continue_in_steps_of_1_3_17(causal_lm_name: str) -> None:
+    model = build_small(causal_lm_name, vocab_size=V)
+    assert_cached_decoding_matches(model, V, segments=prefill_then_steps(19, (1, 3, 17), 90))
+    # The same with the cache passed on without use_cache: a given cache is advanced all the same.
+    assert_cached_decoding_matches(model, V, segments=prefill_then_steps(7, (17, 3, 1), 60), continue_with_use_cache=False)
+
+
+def test_detach_keeps_values_and_cuts_the_graph(causal_lm_name: str) -> None:
+    assert_detach_keeps_values_and_cuts_graph(build_small(causal_lm_name, vocab_size=V), V)
+
+
+def test_state_round_trips_through_state_dict(causal_lm_name: str) -> None:
+    assert_state_round_trips(build_small(causal_lm_name, vocab_size=V), V)
 
 
 def test_greedy_generate_matches_full_forward(causal_lm_name: str) -> None:

@@ -1,12 +1,16 @@
 """The conformance checks must be able to fail: run them on small broken models defined here.
 
 ``ToyLM`` is a tiny causal LM (not registered) whose state at t is the running mean of the token
-embeddings up to t. Switches break it in one way each: seeing the next token everywhere or only at
-chunk boundaries, ignoring its input, forgetting its cache, or mixing rows of a batch. A correct
-``ToyLM`` passes the same checks, so each failure is caused by the defect and not by the toy.
+embeddings up to t, kept in the library's decoding-state protocol. Switches break it in one way each:
+seeing the next token everywhere or only at chunk boundaries, ignoring its input, forgetting its cache,
+returning a new cache instead of advancing the given one, mixing rows of a batch, a ``detach`` that keeps
+the graph or loses the values, and a lossy ``state_dict``. A correct ``ToyLM`` passes the same checks,
+so each failure is caused by the defect and not by the toy.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hierseq.losses import causal_lm_loss
+from hierseq.modules.state import DecodingState, LayerState
 from hierseq.outputs import CausalLMOutput
 
 from .checks import (
@@ -22,18 +27,38 @@ from .checks import (
     assert_cached_decoding_matches,
     assert_causal_by_gradient,
     assert_causal_by_perturbation,
+    assert_detach_keeps_values_and_cuts_graph,
     assert_iid_floor,
+    assert_state_round_trips,
 )
 
 V = SMALL_VOCAB
 
 
-class ToyState:
-    """Running sum of embeddings [B, D] and the number of tokens seen."""
+@dataclasses.dataclass
+class ToyState(LayerState):
+    """Running sum of embeddings [B, D]."""
 
-    def __init__(self, total: torch.Tensor, length: int) -> None:
-        self.total = total
-        self.length = length
+    total: torch.Tensor
+
+
+@dataclasses.dataclass
+class GraphKeepingState(ToyState):
+    def detach(self) -> GraphKeepingState:
+        return self
+
+
+@dataclasses.dataclass
+class ForgetfulDetachState(ToyState):
+    def detach(self) -> ForgetfulDetachState:
+        self.total = torch.zeros_like(self.total)
+        return self
+
+
+@dataclasses.dataclass
+class LossyState(ToyState):
+    def state_dict(self) -> dict:
+        return LayerState.state_dict(self.map(lambda t: t.to(torch.bfloat16).float()))
 
 
 class ToyLM(nn.Module):
@@ -51,6 +76,8 @@ class ToyLM(nn.Module):
         ignore_input: bool = False,
         forget_cache: bool = False,
         mix_batch: bool = False,
+        copy_cache: bool = False,
+        state_type: type[ToyState] = ToyState,
     ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d_model)
@@ -60,12 +87,14 @@ class ToyLM(nn.Module):
         self.ignore_input = ignore_input
         self.forget_cache = forget_cache
         self.mix_batch = mix_batch
+        self.copy_cache = copy_cache
+        self.state_type = state_type
 
     def forward(
         self,
         input_ids: torch.Tensor,
         labels: torch.Tensor | None = None,
-        cache: ToyState | None = None,
+        cache: DecodingState | None = None,
         use_cache: bool = False,
     ) -> CausalLMOutput:
         e = self.embed(input_ids)  # [B, L, D]
@@ -74,7 +103,7 @@ class ToyLM(nn.Module):
         if self.mix_batch:
             e = e + e.mean(dim=0, keepdim=True)
         offset = 0 if cache is None or self.forget_cache else cache.length
-        past = 0.0 if cache is None or self.forget_cache else cache.total[:, None]
+        past = 0.0 if cache is None or self.forget_cache else cache.layers[0].total[:, None]
         running = e.cumsum(dim=1) + past  # [B, L, D]
         counts = torch.arange(offset + 1, offset + e.shape[1] + 1, dtype=e.dtype)[:, None]
         h = e + running / counts
@@ -85,7 +114,11 @@ class ToyLM(nn.Module):
                 following = following * ((positions + 1) % 16 == 0).to(e.dtype)[:, None]
             h = h + self.mix(following)
         logits = self.head(torch.tanh(h))
-        new_cache = ToyState(running[:, -1], offset + e.shape[1]) if use_cache else None
+        new_cache = None
+        if use_cache or cache is not None:
+            new_cache = DecodingState(1) if cache is None or self.copy_cache else cache
+            new_cache.layers[0] = self.state_type(running[:, -1])
+            new_cache.length = (0 if cache is None else cache.length) + e.shape[1]
         zero = logits.new_zeros(())
         lm_loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=lm_loss, lm_loss=lm_loss, aux_loss=zero, cache=new_cache)
@@ -102,6 +135,8 @@ def test_correct_toy_passes_every_check() -> None:
     assert_causal_by_gradient(model, V)
     assert_cached_decoding_matches(model, V)
     assert_batch_independent(model, V)
+    assert_detach_keeps_values_and_cuts_graph(model, V)
+    assert_state_round_trips(model, V)
     assert_iid_floor(lambda: ToyLM(), vocab=V)
 
 
@@ -140,3 +175,23 @@ def test_cache_check_catches_a_forgotten_cache() -> None:
 def test_batch_check_catches_rows_mixing() -> None:
     with pytest.raises(AssertionError, match="batched and single-row"):
         assert_batch_independent(toy(mix_batch=True), V)
+
+
+def test_cache_check_catches_a_cache_that_is_not_advanced_in_place() -> None:
+    with pytest.raises(AssertionError, match="advanced in place"):
+        assert_cached_decoding_matches(toy(copy_cache=True), V)
+
+
+def test_detach_check_catches_a_kept_graph() -> None:
+    with pytest.raises(AssertionError, match="left a graph"):
+        assert_detach_keeps_values_and_cuts_graph(toy(state_type=GraphKeepingState), V)
+
+
+def test_detach_check_catches_lost_values() -> None:
+    with pytest.raises(AssertionError, match="detached state differs"):
+        assert_detach_keeps_values_and_cuts_graph(toy(state_type=ForgetfulDetachState), V)
+
+
+def test_round_trip_check_catches_a_lossy_state_dict() -> None:
+    with pytest.raises(AssertionError, match="continues differently"):
+        assert_state_round_trips(toy(state_type=LossyState), V)

@@ -64,7 +64,10 @@ class KVState(LayerState):
         return dataclasses.replace(self, k=k, v=v)
 
     def state_dict(self) -> dict:
-        return LayerState.state_dict(self.trimmed()) if self.k is not None else super().state_dict()
+        return LayerState.state_dict(self.trimmed())
+
+    def num_floats(self) -> int:
+        return LayerState.num_floats(self.trimmed())
 
     def detach(self) -> KVState:
         super().detach()
