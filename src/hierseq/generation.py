@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .config import config_error
+from .modules.causal_lm import CausalLM
 
 __all__ = ["generate", "sample_next_token"]
 
@@ -235,6 +236,9 @@ def _decode(
         caches.append(out.cache)
         last_logits.append(out.logits[:, -1])
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # The prompts were checked by the prefill and every later token is sampled from the vocabulary:
+    # the shell may skip its token-range check (a host sync per step).
+    step_kwargs = {"check_inputs": False} if isinstance(model, CausalLM) else {}
 
     for step in range(max_new_tokens):
         step_tokens = new_tokens[:, step]  # a view: filled in place below
@@ -252,7 +256,7 @@ def _decode(
         for g, index in enumerate(group_index):
             if bool(finished[index].all()):
                 continue  # this group only emits eos_id from now on
-            out = model(step_tokens[index][:, None], cache=caches[g], use_cache=True)
+            out = model(step_tokens[index][:, None], cache=caches[g], use_cache=True, **step_kwargs)
             caches[g] = out.cache
             last_logits[g] = out.logits[:, -1]
     return new_tokens

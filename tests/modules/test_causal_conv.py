@@ -1,9 +1,11 @@
-"""CausalDepthwiseConv1d: definition, causality, and step / prefill state equal to the full pass."""
+"""CausalDepthwiseConv1d: definition, causality, and step / prefill state equal to the full pass; the same
+with ``dilation=`` (against grouped F.conv1d, values and gradients), and ``centred`` against a padded F.conv1d."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hierseq.modules.causal_conv import CausalDepthwiseConv1d
@@ -180,3 +182,140 @@ def test_shifted_backward_skips_what_needs_no_gradient():
     y = conv(x.detach())
     y.sum().backward()
     assert conv.weight.grad is not None and conv.bias.grad is not None
+
+
+# ---------------------------------------------------------------------------------------- dilation
+DILATED = [(1, 2), (2, 2), (3, 2), (4, 3), (3, 1), (2, 5)]  # (kernel_size, dilation)
+
+
+def hand_dilated_conv(layer: CausalDepthwiseConv1d, x: torch.Tensor) -> torch.Tensor:
+    """y[b, t, c] = bias[c] + sum_k weight[c, 0, k] * x[b, t - (K - 1 - k) d, c], zero before t = 0."""
+    kernel, d = layer.kernel_size, layer.dilation
+    y = torch.zeros_like(x)
+    for t in range(x.shape[1]):
+        for k in range(kernel):
+            source = t - (kernel - 1 - k) * d
+            if source >= 0:
+                y[:, t] += layer.weight[:, 0, k] * x[:, source]
+    if layer.bias is not None:
+        y += layer.bias
+    return y
+
+
+def make_dilated(kernel_size, dilation, channels=5, length=13, batch=2, seed=0):
+    torch.manual_seed(seed)
+    layer = CausalDepthwiseConv1d(channels, kernel_size, dilation=dilation)
+    return layer, torch.randn(batch, length, channels)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), DILATED)
+def test_dilated_forward_matches_hand_definition_and_state_shape(kernel_size, dilation):
+    layer, x = make_dilated(kernel_size, dilation)
+    assert layer.state_len == (kernel_size - 1) * dilation
+    assert layer.initial_state(3).shape == (3, 5, (kernel_size - 1) * dilation)
+    assert f"dilation={dilation}" in repr(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), hand_dilated_conv(layer, x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), DILATED)
+def test_dilated_forward_equals_grouped_conv1d_reference_values_and_gradients(kernel_size, dilation):
+    """forward (the shifted form and its own backward) == forward_reference (grouped F.conv1d with
+    dilation), with and without a state, in values and in the gradients of x, weight, bias and state."""
+    layer, x = make_dilated(kernel_size, dilation)
+    x.requires_grad_(True)
+    state_len = (kernel_size - 1) * dilation
+    for state in (None, torch.randn(2, 5, state_len, requires_grad=True)):
+        y = layer(x, state)
+        y_ref = layer.forward_reference(x, state)
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        wrt = (x, layer.weight, layer.bias) + ((state,) if state is not None and state_len > 0 else ())
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        grads = torch.autograd.grad((y * upstream).sum(), wrt)
+        grads_ref = torch.autograd.grad((y_ref * upstream).sum(), wrt)
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+        if state is not None and state_len > 0:
+            assert grads[-1].abs().sum() > 0  # the state really feeds the first outputs
+
+
+def test_dilated_conv_alone_is_causal_and_the_centred_conv_is_not():
+    torch.manual_seed(0)
+    x = torch.randn(1, 20, 8, requires_grad=True)
+    conv = CausalDepthwiseConv1d(8, 3, dilation=2)
+    conv(x)[0, 10].sum().backward()
+    touched = (x.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist()
+    assert touched == [6, 8, 10]  # t - 4, t - 2, t: dilation 2, nothing after t
+    x.grad = None
+    conv.centred(x)[0, 10].sum().backward()
+    assert (x.grad[0].abs().sum(-1) > 0).nonzero().flatten().tolist() == [8, 10, 12]
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), DILATED)
+def test_dilated_step_by_step_equals_full_forward(kernel_size, dilation):
+    layer, x = make_dilated(kernel_size, dilation)
+    with torch.no_grad():
+        full = layer(x)
+        state = layer.initial_state(x.shape[0])
+        outputs = []
+        for t in range(x.shape[1]):
+            y_t, state = layer.step(x[:, t], state)
+            assert state.shape == (2, 5, (kernel_size - 1) * dilation)
+            outputs.append(y_t)
+    torch.testing.assert_close(torch.stack(outputs, dim=1), full, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), DILATED)
+@pytest.mark.parametrize("prefill_len", [1, 3, 9])
+def test_dilated_prefill_then_steps_and_chunks_equal_full_forward(kernel_size, dilation, prefill_len):
+    # prefill_len < (K - 1) d exercises the zero-padded part of the state.
+    layer, x = make_dilated(kernel_size, dilation, length=21)
+    with torch.no_grad():
+        full = layer(x)
+        first, state = layer(x[:, :prefill_len], return_state=True)
+        pieces = [first]
+        for t in range(prefill_len, prefill_len + 3):
+            y_t, state = layer.step(x[:, t], state)
+            pieces.append(y_t.unsqueeze(1))
+        middle, state = layer(x[:, prefill_len + 3 : 17], state=state, return_state=True)
+        pieces.append(middle)
+        for t in range(17, 21):
+            y_t, state = layer.step(x[:, t], state)
+            pieces.append(y_t.unsqueeze(1))
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
+    # the state is the last (K - 1) d inputs, oldest first
+    n = (kernel_size - 1) * dilation
+    torch.testing.assert_close(state, x[:, x.shape[1] - n :].transpose(1, 2), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation"), [(1, 1), (3, 1), (3, 2), (5, 3), (2, 2), (4, 2)])
+def test_centred_equals_centred_conv1d_with_padding(kernel_size, dilation):
+    """centred(x) == F.conv1d(x, weight, bias, padding=(K - 1) d / 2, dilation=d, groups=C), values and
+    gradients (any (K - 1) d even: odd K, or even K with even dilation)."""
+    layer, x = make_dilated(kernel_size, dilation, length=17)
+    x.requires_grad_(True)
+    y = layer.centred(x)
+    pad = (kernel_size - 1) * dilation // 2
+    y_ref = F.conv1d(x.transpose(1, 2), layer.weight, layer.bias, padding=pad, dilation=dilation, groups=5)
+    y_ref = y_ref.transpose(1, 2)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, y_ref, atol=ATOL, rtol=0)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    wrt = (x, layer.weight, layer.bias)
+    grads = torch.autograd.grad((y * upstream).sum(), wrt)
+    grads_ref = torch.autograd.grad((y_ref * upstream).sum(), wrt)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_centred_refuses_a_filter_with_no_centre():
+    # (K - 1) d odd: the taps cannot sit symmetrically around t.
+    for kernel_size, dilation in ((2, 1), (4, 1), (2, 3)):
+        with pytest.raises(ValueError, match="centred"):
+            CausalDepthwiseConv1d(4, kernel_size, dilation=dilation).centred(torch.zeros(1, 5, 4))
+
+
+def test_bad_dilation_raises_value_error():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=f"dilation={bad!r}"):
+            CausalDepthwiseConv1d(4, 3, dilation=bad)

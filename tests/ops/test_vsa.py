@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hierseq.layers import vsa
+from hierseq.ops import vsa
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -20,6 +20,21 @@ def test_fft_circular_ops_match_definitions(dim: int) -> None:
     b = torch.randn(3, dim, generator=_gen(2), dtype=torch.float64)
     torch.testing.assert_close(vsa.circular_convolution(a, b), vsa.circular_convolution_reference(a, b))
     torch.testing.assert_close(vsa.circular_correlation(a, b), vsa.circular_correlation_reference(a, b))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 7, 16])
+def test_fft_circular_ops_gradients_match_definitions(dim: int) -> None:
+    a = torch.randn(3, dim, generator=_gen(12), dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dim, generator=_gen(13), dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, dim, generator=_gen(14), dtype=torch.float64)
+    for fast, ref in (
+        (vsa.circular_convolution, vsa.circular_convolution_reference),
+        (vsa.circular_correlation, vsa.circular_correlation_reference),
+    ):
+        grads = torch.autograd.grad((fast(a, b) * weights).sum(), (a, b))
+        grads_ref = torch.autograd.grad((ref(a, b) * weights).sum(), (a, b))
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_circular_convolution_by_hand() -> None:
@@ -37,6 +52,18 @@ def test_bind_unbind_match_references(binding: str) -> None:
     v = torch.randn(2, 5, 12, generator=_gen(4), dtype=torch.float64)
     torch.testing.assert_close(vsa.bind(k, v, binding), vsa.bind_reference(k, v, binding))
     torch.testing.assert_close(vsa.unbind(v, k, binding), vsa.unbind_reference(v, k, binding))
+
+
+@pytest.mark.parametrize("binding", vsa.BINDINGS)
+def test_bind_unbind_gradients_match_references(binding: str) -> None:
+    k = torch.randn(2, 5, 12, generator=_gen(15), dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 5, 12, generator=_gen(16), dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 5, 12, generator=_gen(17), dtype=torch.float64)
+    for fast, ref in ((vsa.bind, vsa.bind_reference), (vsa.unbind, vsa.unbind_reference)):
+        grads = torch.autograd.grad((fast(k, v, binding) * weights).sum(), (k, v))
+        grads_ref = torch.autograd.grad((ref(k, v, binding) * weights).sum(), (k, v))
+        for g, g_ref in zip(grads, grads_ref):
+            torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("binding", vsa.BINDINGS)

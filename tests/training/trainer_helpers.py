@@ -6,6 +6,7 @@ Test models are removed from the registry when the test ends, so other test file
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -16,6 +17,7 @@ import hierseq
 from hierseq import registry
 from hierseq.config import BaseConfig
 from hierseq.losses import causal_lm_loss
+from hierseq.modules.state import DecodingState, LayerState
 from hierseq.outputs import CausalLMOutput
 from hierseq.training import TrainConfig
 
@@ -48,14 +50,11 @@ class TinyRNNConfig(BaseConfig):
     nan_at_call: int = 0  # > 0: the n-th training forward returns a NaN loss
 
 
-class TinyRNNCache:
-    """Hidden state [1, B, D] and how many tokens it has summarised."""
+@dataclasses.dataclass
+class TinyRNNState(LayerState):
+    """The GRU's hidden state, batch first: [B, 1, D]."""
 
-    def __init__(self, h: torch.Tensor, tokens_seen: int) -> None:
-        self.h, self.tokens_seen = h, tokens_seen
-
-    def detach(self) -> TinyRNNCache:
-        return TinyRNNCache(self.h.detach(), self.tokens_seen)
+    h: torch.Tensor
 
 
 class TinyRNN(nn.Module):
@@ -76,12 +75,12 @@ class TinyRNN(nn.Module):
             self.n_train_calls += 1
             TinyRNN.calls.append(
                 {
-                    "tokens_seen": None if cache is None else cache.tokens_seen,
-                    "h_has_graph": None if cache is None else cache.h.grad_fn is not None,
+                    "tokens_seen": None if cache is None else cache.length,
+                    "h_has_graph": None if cache is None else cache.layers[0].h.grad_fn is not None,
                     "first_token": input_ids[:, 0].tolist(),
                 }
             )
-        h0 = None if cache is None else cache.h
+        h0 = None if cache is None else cache.layers[0].h.transpose(0, 1).contiguous()
         out, h = self.rnn(self.embed(input_ids), h0)
         logits = self.head(out)
         loss = lm = None
@@ -90,8 +89,11 @@ class TinyRNN(nn.Module):
             if self.training and self.n_train_calls == self.config.nan_at_call:
                 lm = lm * float("nan")
             loss = lm
-        seen = (0 if cache is None else cache.tokens_seen) + input_ids.shape[1]
-        new_cache = TinyRNNCache(h, seen) if use_cache else None
+        new_cache = None
+        if use_cache or cache is not None:  # the protocol: a given cache is advanced in place
+            new_cache = cache if cache is not None else DecodingState(1)
+            new_cache.layers[0] = TinyRNNState(h.transpose(0, 1))
+            new_cache.length += input_ids.shape[1]
         return CausalLMOutput(logits=logits, loss=loss, lm_loss=lm, aux_loss=logits.new_zeros(()), cache=new_cache)
 
 

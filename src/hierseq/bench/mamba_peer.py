@@ -2,7 +2,8 @@
 
 1. :func:`run_mamba_peer_bench` - forward + backward of a d_model x n_layers Mamba backbone on float
    features [batch, length, d_model] (no embedding / head, since ``mambapy.mamba.Mamba`` has none), ours
-   (built through the registry, ``model.backbone``) and mambapy's, same shape, same process, alternated
+   (built through the registry; its blocks and final norm, ``peers.LMBackbone``) and mambapy's, same
+   shape, same process, alternated
    so that machine load hits both alike; median seconds, ratio, and peak extra memory (CPU: process
    RSS) of one step each. Needs ``pip install --no-deps mambapy``; without it only ours is timed.
 2. :func:`run_generation_cost_bench` - milliseconds per generated token after a prefill of 1k / 4k / 16k
@@ -28,7 +29,7 @@ import torch
 from ..registry import build_model
 from .generation_cost import measure_generation
 from .memory import peak_memory
-from .peers import fwd_bwd_step, mambapy_pair
+from .peers import LMBackbone, fwd_bwd_step, mambapy_pair
 from .sweep import time_alternated
 
 
@@ -53,7 +54,7 @@ def run_mamba_peer_bench(
         ours, theirs = mambapy_pair(d_model, n_layers)
         contenders: dict[str, torch.nn.Module] = {"hierseq": ours.train(), "mambapy": theirs.train()}
     except ImportError:
-        contenders = {"hierseq": build_model("mamba", d_model=d_model, n_layers=n_layers).backbone.train()}
+        contenders = {"hierseq": LMBackbone(build_model("mamba", d_model=d_model, n_layers=n_layers)).train()}
         peer_note = "mambapy not installed (pip install --no-deps mambapy): only ours was timed."
     x = torch.randn(batch, length, d_model, generator=torch.Generator().manual_seed(seed))
     params = {k: sum(p.numel() for p in m.parameters()) for k, m in contenders.items()}

@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..losses import causal_lm_loss
 from ..registry import build_model, count_parameters
@@ -133,6 +134,19 @@ def _x_transformers(shape: PeerShape) -> tuple[Step, Step, int, int]:
     return _lm_pair(ours, theirs, shape)
 
 
+class LMBackbone(nn.Module):
+    """A causal LM's blocks and final norm on features [B, L, D] -> [B, L, D] (``forward_hidden``); its
+    parameters are those of the blocks and the norm only, as a peer backbone's are."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.blocks, self.final_norm = lm.blocks, lm.final_norm
+        self._forward = lm.forward_hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x)
+
+
 def mambapy_pair(d_model: int, n_layers: int, **config) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(our Mamba backbone, mambapy's ``Mamba``) at the same width, depth and state size; both map float
     features [B, L, D] -> [B, L, D]. Raises ImportError when mambapy is not installed."""
@@ -145,7 +159,7 @@ def mambapy_pair(d_model: int, n_layers: int, **config) -> tuple[torch.nn.Module
             d_model=d_model, n_layers=n_layers, d_state=c.d_state, expand_factor=c.expand, d_conv=c.d_conv, pscan=True
         )
     )
-    return ours.backbone, theirs
+    return LMBackbone(ours), theirs
 
 
 def _mambapy(shape: PeerShape) -> tuple[Step, Step, int, int]:
@@ -181,7 +195,7 @@ def _torchhd(binding: str, tensor_class: str) -> Callable[[PeerShape], tuple[Ste
     def make(shape: PeerShape) -> tuple[Step, Step, int, int]:
         import torchhd
 
-        from ..layers import vsa
+        from ..ops import vsa
 
         cls = getattr(torchhd, tensor_class)
         gen = torch.Generator().manual_seed(shape.seed)

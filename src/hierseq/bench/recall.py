@@ -47,13 +47,11 @@ def _build(name: str, overrides: dict[str, Any], width: int, n_layers: int, voca
 
 
 def state_floats(model: torch.nn.Module, seq_len: int) -> int | None:
-    """Recurrent state per layer and sequence (``model.state_size()``); for attention, the KV cache
-    at ``seq_len`` (2 * seq_len * d_model); None when unknown."""
-    if hasattr(model, "state_size"):
-        return int(model.state_size())
-    if getattr(model.config, "model_type", "") == "transformer":
-        return 2 * seq_len * model.config.d_model
-    return None
+    """Decoding state per layer and sequence after ``seq_len`` tokens (``model.state_floats`` over the
+    layers: constant for recurrent mixers, the KV cache 2 * seq_len * d_model for attention)."""
+    if not hasattr(model, "state_floats"):
+        return None
+    return int(model.state_floats(seq_len)) // model.config.n_layers
 
 
 @torch.no_grad()

@@ -203,6 +203,7 @@ class MultiscaleAttention(Mixer):
         self.out_proj = nn.Linear(d, d, bias=False)
         self.scores = nn.Linear(d, cfg.n_scales)  # per-token aggregation scores / Nash priors
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_base)
+        self.reset_special_parameters()  # a mixer used alone (MAHABlock) starts as in a stack
 
     # ------------------------------------------------------------------ one scale's attention
     def _attend(self, s: int, x: torch.Tensor, state: MAHAState, record: bool) -> torch.Tensor:
@@ -246,7 +247,9 @@ class MultiscaleAttention(Mixer):
 
     def state_size(self, seq_len: int) -> int:
         D, r, w = self.d_model, self.factor, self.cfg.window
-        keys = sum(min(seq_len // r**s, w - 1 if self.cfg.attention == "windowed" else seq_len) for s in range(self.n_scales))
+        keys = sum(
+            min(seq_len // r**s, w - 1 if self.cfg.attention == "windowed" else seq_len) for s in range(self.n_scales)
+        )
         return 2 * D * keys + D * (self.conv.state_len + self.n_scales * r)
 
     def forward(

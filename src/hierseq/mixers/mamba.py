@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_bool, check_choice, check_nonneg_int, check_positive_float, check_positive_int, config_error
+from ..config import check_bool, check_choice, check_positive_float, check_positive_int, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.state import LayerState
 from ..ops.selective_scan import selective_scan, selective_scan_reference, selective_scan_step

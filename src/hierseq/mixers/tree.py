@@ -69,9 +69,16 @@ from torch.utils.checkpoint import checkpoint
 from ..config import check_choice, check_positive_float, check_positive_int, config_error
 from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
+from ..ops.tree_attention import (
+    attention_with_lse,
+    causal_bias,
+    leaf_summaries,
+    merge_summaries,
+    summary_pyramid,
+    tree_levels,
+)
 from .attention import check_heads
 from .base import Mixer, MixerConfig, register_mixer
-from ..ops.tree_attention import attention_with_lse, causal_bias, leaf_summaries, merge_summaries, summary_pyramid, tree_levels
 
 SIBLING_MODES = ("exact", "summary")
 

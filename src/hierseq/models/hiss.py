@@ -105,7 +105,11 @@ def mamba_stack(d_model: int, n_layers: int, mamba: MambaMixerConfig, norm: str 
 def mamba_backbone(d_model: int, n_layers: int, spec: Any) -> StackBackbone:
     """Mamba blocks on features; ``spec`` carries d_state, d_conv, expand, dt_rank, norm (and scan)."""
     cfg = MambaMixerConfig(
-        d_state=spec.d_state, d_conv=spec.d_conv, expand=spec.expand, dt_rank=spec.dt_rank, scan=getattr(spec, "scan", "fast")
+        d_state=spec.d_state,
+        d_conv=spec.d_conv,
+        expand=spec.expand,
+        dt_rank=spec.dt_rank,
+        scan=getattr(spec, "scan", "fast"),
     )
     return mamba_stack(d_model, n_layers, cfg, spec.norm)
 

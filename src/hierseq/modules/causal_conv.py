@@ -1,15 +1,16 @@
-"""Causal depthwise 1-D convolution with a recurrent step API (the short conv in front of Mamba's SSM).
+"""Causal depthwise 1-D convolution with a recurrent step API (the short conv in front of Mamba's SSM,
+and MAHA's dilated conv).
 
-Full-sequence path: left-pad by ``kernel_size - 1`` and sum K shifted multiply-adds, so output t sees
-inputs t - kernel_size + 1 .. t only. ``forward_reference`` computes the same with one grouped
-``F.conv1d``; on CPU the backward of that grouped conv is ~30x slower at thousands of channels (18 s vs
-0.6 s at [1, 1024, 3072]), so the shifted form is the one models run; a test keeps the two equal.
-The shifted form has its own backward (:class:`_ShiftedDepthwiseConv`): K in-place multiply-adds into
-one gradient buffer instead of autograd's zero-filled buffer per shifted slice, and nothing saved but
-the padded input.
+Full-sequence path: left-pad by ``(kernel_size - 1) * dilation`` and sum K shifted multiply-adds, so
+output t sees inputs t - (kernel_size - 1) * dilation, ..., t - dilation, t only. ``forward_reference``
+computes the same with one grouped ``F.conv1d``; on CPU the backward of that grouped conv is ~30x
+slower at thousands of channels (18 s vs 0.6 s at [1, 1024, 3072]), so the shifted form is the one
+models run; a test keeps the two equal. The shifted form has its own backward
+(:class:`_ShiftedDepthwiseConv`): K in-place multiply-adds into one gradient buffer instead of
+autograd's zero-filled buffer per shifted slice, and nothing saved but the padded input.
 
-Generation path: keep the last ``kernel_size - 1`` inputs as the
-state and compute one output per call, which gives exactly the same numbers as the full pass.
+Generation path: keep the last ``(kernel_size - 1) * dilation`` inputs as the state and compute one
+output per call, which gives exactly the same numbers as the full pass.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class CausalDepthwiseConv1d(nn.Module):
     def initial_state(
         self, batch: int, device: torch.device | None = None, dtype: torch.dtype | None = None
     ) -> torch.Tensor:
-        """Zero state [batch, C, K - 1] (nothing seen yet); device/dtype default to the weight's."""
+        """Zero state [batch, C, (K - 1) d] (nothing seen yet); device/dtype default to the weight's."""
         _check_positive_int("batch", batch)
         return torch.zeros(
             batch,
@@ -161,9 +162,16 @@ class CausalDepthwiseConv1d(nn.Module):
         return F.conv1d(padded, self.weight, self.bias, dilation=self.dilation, groups=self.channels).transpose(1, 2)
 
     def centred(self, x: torch.Tensor) -> torch.Tensor:
-        """The filter centred on each position (K odd; zeros past both ends). x: [B, L, C] -> [B, L, C].
+        """The filter centred on each position (zeros past both ends). x: [B, L, C] -> [B, L, C]; the same
+        as ``F.conv1d`` with padding (K - 1) d / 2. Needs (K - 1) d even (K odd, or d even): otherwise
+        the taps have no centre (ValueError).
 
         A causal conv over x with (K - 1) d / 2 zeros appended, read (K - 1) d / 2 steps later."""
+        if self.state_len % 2:
+            raise ValueError(
+                f"centred: (kernel_size - 1) * dilation = ({self.kernel_size} - 1) * {self.dilation} is odd, "
+                "so the taps have no centre; use an odd kernel_size or an even dilation"
+            )
         half = self.state_len // 2
         return self.forward(F.pad(x, (0, 0, 0, half)))[:, half:]
 

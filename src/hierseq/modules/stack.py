@@ -43,10 +43,15 @@ class MixerStack(nn.Module):
         super().__init__()
         # Drawn before anything else from the global RNG: seeded builds stay reproducible, and the
         # shell's values do not depend on how many random numbers the mixers consume.
-        self._shell_seed = int(torch.randint(0, 2**62, (1,)).item())
+        self._shell_seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
         self.d_model, self.n_layers, self.init_std = d_model, n_layers, init_std
         self.blocks = nn.ModuleList(
-            Block(make_mixer(i), make_mlp(mlp, d_model, mlp_hidden or None, dropout), lambda: make_norm(norm, d_model), dropout)
+            Block(
+                make_mixer(i),
+                make_mlp(mlp, d_model, mlp_hidden or None, dropout),
+                lambda: make_norm(norm, d_model),
+                dropout,
+            )
             for i in range(n_layers)
         )
         self.final_norm = make_norm(norm, d_model)
@@ -123,7 +128,9 @@ def init_module_(module: nn.Module, std: float, gen: torch.Generator | None) -> 
     generator ``gen`` or the global one, then copied: the same values on every device), biases 0,
     norms at identity. Other modules keep their own init."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        module.weight.copy_(torch.randn(module.weight.shape, generator=gen) * std)
+        if module.weight.is_meta:  # shape-only builds (parameter counting) have nothing to fill
+            return
+        module.weight.copy_(torch.randn(module.weight.shape, generator=gen, device="cpu") * std)
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()
     elif isinstance(module, (RMSNorm, LayerNorm, nn.LayerNorm)):

@@ -31,6 +31,7 @@ from ..config import config_error
 from ..data.corpora import load_corpus
 from ..data.loaders import RandomWindowLoader, StreamLoader, eval_windows
 from ..losses import nats_to_bits
+from ..modules.state import DecodingState
 from ..registry import build_config, build_model, count_parameters, get_entry
 from ..serialization import WEIGHTS_NAME, load_state_exact
 from ..serialization import save as save_model
@@ -263,16 +264,6 @@ def evaluate(
     return {"loss": loss, "bpb": nats_to_bits(loss), "tokens": count}
 
 
-def _detach_cache(cache: Any) -> Any:
-    """Cut the autograd graph at the batch boundary (TBPTT). Models whose cache supports it expose
-    ``cache.detach()`` (in place, or returning the detached cache); other caches are kept as they are."""
-    detach = getattr(cache, "detach", None)
-    if cache is None or detach is None:
-        return cache
-    result = detach()
-    return cache if result is None else result
-
-
 # =============================================================================================== distributed
 @dataclass
 class DistEnv:
@@ -378,6 +369,9 @@ class _Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
         self.model = build_model(cfg.model, **cfg.model_config).to(env.device)
+        refusal = getattr(self.model, "tbptt_refusal", lambda: None)() if cfg.tbptt else None
+        if refusal:
+            raise config_error("tbptt", cfg.tbptt, f"{cfg.model} cannot carry its state across segments: {refusal}")
         self.model.train()
         self.n_params = count_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -457,28 +451,23 @@ class _Trainer:
         yet), or None when there is none to save or the model's cache cannot be written down."""
         if not self.cfg.tbptt or self.env.distributed:
             return None  # under DDP every rank carries its own streams; rank 0 writes the checkpoint alone
-        if any(c is not None and not callable(getattr(c, "state_dict", None)) for c in self.caches):
-            return None
         return [None if c is None else c.state_dict() for c in self.caches]
 
     def _restore_caches(self, saved: list[Any] | None) -> list[Any] | None:
-        """The carried TBPTT state of a checkpoint, rebuilt with the model's ``cache_class``; None (with a
+        """The carried TBPTT state of a checkpoint, rebuilt as :class:`DecodingState` s; None (with a
         logged reason) when it cannot be, so the state restarts empty and the run says so."""
-        cache_class = getattr(type(self.model), "cache_class", None)
         reason = None
         if self.env.distributed:
             reason = "it is not checkpointed under DDP"
         elif saved is None:
             reason = "the checkpoint holds none"
-        elif cache_class is None or not callable(getattr(cache_class, "from_state_dict", None)):
-            reason = f"{type(self.model).__name__} has no cache_class with from_state_dict"
         elif len(saved) != self.cfg.grad_accum:
             reason = f"the checkpoint holds {len(saved)} micro-batch states, grad_accum={self.cfg.grad_accum}"
         if reason is not None:
             self.log(f"resume with tbptt: the carried recurrent state restarts empty ({reason})")
             return None
         self.log("resume with tbptt: the carried recurrent state is restored from the checkpoint")
-        return [None if s is None else cache_class.from_state_dict(s, self.env.device) for s in saved]
+        return [None if s is None else DecodingState.from_state_dict(s, self.env.device) for s in saved]
 
     def _save(self) -> None:
         """Checkpoint (all ranks take part in gathering RNG states; rank 0 writes)."""
@@ -529,7 +518,7 @@ class _Trainer:
             with self.ddp_model.no_sync() if sync else contextlib.nullcontext():
                 if cfg.tbptt:
                     out = self.ddp_model(x, labels=y, cache=self.caches[k], use_cache=True)
-                    self.caches[k] = _detach_cache(out.cache)
+                    self.caches[k] = out.cache.detach()  # TBPTT: cut the graph at the batch boundary
                 else:
                     out = self.ddp_model(x, labels=y)
                 (out.loss / cfg.grad_accum).backward()
