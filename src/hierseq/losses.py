@@ -24,3 +24,15 @@ def shift_for_next_token(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 def nats_to_bits(loss_nats: float) -> float:
     """Per-token loss in nats -> bits (bits per byte for the byte tokenizer)."""
     return loss_nats / math.log(2)
+
+
+def masked_reconstruction_loss(
+    reconstruction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, input_type: str, loss_on: str
+) -> torch.Tensor:
+    """Mean cross-entropy (tokens: reconstruction = logits [B, L, V], x = ids [B, L]) or mean squared
+    error (continuous: both [B, L, C]) over the masked positions (mask [B, L] True), or over all
+    positions when ``loss_on="all"`` or nothing is masked."""
+    select = mask if loss_on == "masked" and bool(mask.any()) else torch.ones_like(mask)
+    if input_type == "tokens":
+        return F.cross_entropy(reconstruction[select].float(), x[select])
+    return F.mse_loss(reconstruction[select].float(), x[select].float())

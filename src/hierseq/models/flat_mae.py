@@ -16,11 +16,13 @@ import torch
 from torch import nn
 
 from ..config import BaseConfig, check_choice, check_divisible, check_nonneg_int, check_positive_int, config_error
+from ..losses import masked_reconstruction_loss
+from ..modules.encoder import Encoder
 from ..modules.norms import make_norm
+from ..modules.positional import SinusoidalPositionalEncoding
 from ..outputs import MaskedAEOutput
 from ..registry import register
 from ..validation import check_features, check_input_ids
-from .hama import SinusoidalPositionalEncoding, TransformerStack, masked_reconstruction_loss
 
 
 @dataclass
@@ -89,11 +91,9 @@ class FlatMAE(nn.Module):
             out_dim = config.input_dim
         self.drop = nn.Dropout(config.dropout)
         self.positional = SinusoidalPositionalEncoding(D)
-        self.encoder = TransformerStack(D, config.n_heads, config.n_layers, config.dropout, config.mlp, config.norm)
+        self.encoder = Encoder(D, config.n_heads, config.n_layers, config.dropout, config.mlp, config.norm)
         self.mask_token = nn.Parameter(torch.randn(D) * 0.02)
-        self.decoder = TransformerStack(
-            D, config.n_heads, config.decoder_layers, config.dropout, config.mlp, config.norm
-        )
+        self.decoder = Encoder(D, config.n_heads, config.decoder_layers, config.dropout, config.mlp, config.norm)
         self.head_norm = make_norm(config.norm, D)
         self.head = nn.Linear(D, out_dim)
 

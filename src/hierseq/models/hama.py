@@ -54,9 +54,10 @@ from ..config import (
     check_positive_int,
     config_error,
 )
-from ..modules.mlp import make_mlp
+from ..losses import masked_reconstruction_loss
+from ..modules.encoder import Encoder
 from ..modules.norms import make_norm
-from ..modules.positional import sinusoidal_table
+from ..modules.positional import SinusoidalPositionalEncoding
 from ..outputs import MaskedAEOutput
 from ..registry import register
 from ..validation import check_features, check_input_ids
@@ -198,75 +199,6 @@ class HAMAConfig(BaseConfig):
 
 
 # ============================================================================================= layers
-class SinusoidalPositionalEncoding(nn.Module):
-    """Adds fixed sinusoidal encodings. x: [..., S, D]; ``positions``: [S] (default 0 .. S-1) or any
-    shape broadcastable to x[..., 0]. Thin wrapper over :func:`hierseq.modules.positional.sinusoidal_table`
-    with the seed's name; no maximum length."""
-
-    def __init__(self, embedding_dim: int, base: float = 10000.0) -> None:
-        super().__init__()
-        if embedding_dim % 2:
-            raise ValueError(f"embedding_dim={embedding_dim}: sinusoidal encoding needs an even dimension")
-        self.embedding_dim = embedding_dim
-        self.base = base
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        if positions is None:
-            positions = torch.arange(x.shape[-2], device=x.device)
-        return x + sinusoidal_table(positions, self.embedding_dim, self.base).to(x.dtype)
-
-
-class SelfAttention(nn.Module):
-    """Bidirectional multi-head attention. x: [N, S, D]; key_valid: [N, S] bool (False = padding) or
-    None -> [N, S, D]."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
-        super().__init__()
-        self.n_heads = n_heads
-        self.qkv = nn.Linear(d_model, 3 * d_model)
-        self.out = nn.Linear(d_model, d_model)
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        N, S, D = x.shape
-        q, k, v = self.qkv(x).view(N, S, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4).unbind(0)
-        mask = None if key_valid is None else key_valid[:, None, None, :]  # [N, 1, 1, S] broadcast over heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(N, S, D))
-
-
-class EncoderLayer(nn.Module):
-    """Pre-norm bidirectional transformer layer. x: [N, S, D] -> [N, S, D]."""
-
-    def __init__(self, d_model: int, n_heads: int, dropout: float, mlp: str = "gelu", norm: str = "layernorm") -> None:
-        super().__init__()
-        self.attn_norm = make_norm(norm, d_model)
-        self.attn = SelfAttention(d_model, n_heads, dropout)
-        self.mlp_norm = make_norm(norm, d_model)
-        self.mlp = make_mlp(mlp, d_model, None, dropout)
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.attn_norm(x), key_valid))
-        return x + self.mlp(self.mlp_norm(x))
-
-
-class TransformerStack(nn.Module):
-    """``depth`` :class:`EncoderLayer` s and a final norm. x: [N, S, D] -> [N, S, D]."""
-
-    def __init__(
-        self, d_model: int, n_heads: int, depth: int, dropout: float, mlp: str = "gelu", norm: str = "layernorm"
-    ) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(EncoderLayer(d_model, n_heads, dropout, mlp, norm) for _ in range(depth))
-        self.norm = make_norm(norm, d_model)
-
-    def forward(self, x: torch.Tensor, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x, key_valid)
-        return self.norm(x)
-
-
 # =========================================================================================== geometry
 @dataclass
 class WindowGeometry:
@@ -375,9 +307,9 @@ class BabyAutoencoder(nn.Module):
         self.scorer = (
             nn.Sequential(make_norm(norm, d_model), nn.Linear(d_model, 1)) if mask_strategy == "learned" else None
         )
-        self.encoder = TransformerStack(d_model, n_heads, transformer_layers, dropout, mlp, norm)
+        self.encoder = Encoder(d_model, n_heads, transformer_layers, dropout, mlp, norm)
         self.positional = SinusoidalPositionalEncoding(d_model)
-        self.decoder = TransformerStack(d_model, n_heads, transformer_layers, dropout, mlp, norm)
+        self.decoder = Encoder(d_model, n_heads, transformer_layers, dropout, mlp, norm)
 
     # ---------------------------------------------------------------------------------------- masking
     @property
@@ -438,7 +370,7 @@ class BabyAutoencoder(nn.Module):
         # Stamp every latent with its in-window position again: the decoder's output queries carry the
         # same encoding, so matching a query to the latent of its own position is easy, and z stays
         # self-describing (decode needs no mask indices).
-        latents = self.positional(latents.view(B, W, geometry.visible, D), idx)
+        latents = self.positional(latents.view(B, W, geometry.visible, D), positions=idx)
         return latents, idx
 
     def decode(self, latents: torch.Tensor, queries: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
@@ -700,15 +632,3 @@ class HAMA(nn.Module):
         reconstruction = self._decode(z, lengths)
         loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)
         return MaskedAEOutput(reconstruction=reconstruction, loss=loss, mask=mask, aux_loss=loss.new_zeros(()))
-
-
-def masked_reconstruction_loss(
-    reconstruction: torch.Tensor, x: torch.Tensor, mask: torch.Tensor, input_type: str, loss_on: str
-) -> torch.Tensor:
-    """Mean cross-entropy (tokens: reconstruction = logits [B, L, V], x = ids [B, L]) or mean squared
-    error (continuous: both [B, L, C]) over the masked positions (mask [B, L] True), or over all
-    positions when ``loss_on="all"`` or nothing is masked."""
-    select = mask if loss_on == "masked" and bool(mask.any()) else torch.ones_like(mask)
-    if input_type == "tokens":
-        return F.cross_entropy(reconstruction[select].float(), x[select])
-    return F.mse_loss(reconstruction[select].float(), x[select].float())

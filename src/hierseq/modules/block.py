@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,9 +24,14 @@ class Block(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, state: LayerState | None = None, use_cache: bool = False, need_aux: bool = False
+        self,
+        x: torch.Tensor,
+        state: LayerState | None = None,
+        use_cache: bool = False,
+        need_aux: bool = False,
+        **mixer_kwargs: Any,
     ) -> tuple[torch.Tensor, LayerState | None, torch.Tensor | None]:
-        h, state, aux = self.mixer(self.mixer_norm(x), state, use_cache, need_aux)
+        h, state, aux = self.mixer(self.mixer_norm(x), state, use_cache, need_aux, **mixer_kwargs)
         x = x + self.resid_dropout(h)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))

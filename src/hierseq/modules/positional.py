@@ -24,7 +24,8 @@ def sinusoidal_table(positions: torch.Tensor, dim: int, base: float = 10000.0) -
 
 
 class SinusoidalPositionalEncoding(nn.Module):
-    """Adds sinusoidal encodings to x: [B, L, D] at positions offset .. offset+L-1."""
+    """Adds sinusoidal encodings to x: [..., L, D] at positions offset .. offset+L-1, or at ``positions``
+    ([L], or any shape broadcastable to x[..., 0]); no maximum length."""
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
@@ -33,9 +34,10 @@ class SinusoidalPositionalEncoding(nn.Module):
         self.dim = dim
         self.base = base
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:
-        pos = torch.arange(offset, offset + x.shape[1], device=x.device)
-        return x + sinusoidal_table(pos, self.dim, self.base).to(x.dtype)
+    def forward(self, x: torch.Tensor, offset: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        if positions is None:
+            positions = torch.arange(offset, offset + x.shape[-2], device=x.device)
+        return x + sinusoidal_table(positions, self.dim, self.base).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,8 +1,9 @@
 """A stack of pre-norm blocks over swappable mixers, with a final norm: the body of every causal LM (and of
 HiSS's levels), with the one init of the library.
 
-Init (one scheme, by role): every ``nn.Linear`` / ``nn.Embedding`` weight ~ N(0, init_std), biases 0,
-norms at identity; the two residual output projections of each block (``block.mixer.out_proj`` and
+Init (one scheme, by role): every ``nn.Linear`` / ``nn.Embedding`` weight ~ N(0, init_std) (``init_std=0``:
+fan-in scaled, std = 1 / sqrt(3 fan_in), the spread of torch's default, which small continuous-input
+models need), biases 0, norms at identity; the two residual output projections of each block (``block.mixer.out_proj`` and
 ``block.mlp.out_proj``, found by attribute, not by parameter name) ~ N(0, init_std / sqrt(2 n_layers)),
 so the residual stream's variance does not grow with depth; then each mixer's own
 ``reset_special_parameters()`` (conv taps, decay rates, dt, ...). Everything outside the mixers is drawn
@@ -13,6 +14,7 @@ built under the same seed have identical norms and MLPs whatever their mixers.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -37,7 +39,7 @@ class MixerStack(nn.Module):
         mlp_hidden: int = 0,
         norm: str = "rmsnorm",
         dropout: float = 0.0,
-        init_std: float = 0.02,
+        init_std: float = 0.0,
         reset: bool = True,
     ) -> None:
         super().__init__()
@@ -67,17 +69,17 @@ class MixerStack(nn.Module):
         return parts + [self.final_norm]
 
     def reset_parameters(self) -> None:
-        std, residual_std = self.init_std, self.init_std * (2 * self.n_layers) ** -0.5
+        depth_scale = (2 * self.n_layers) ** -0.5
         gen = torch.Generator().manual_seed(self._shell_seed)
         residual = {id(b.mlp.out_proj) for b in self.blocks if b.mlp is not None}
         residual |= {id(b.mixer.out_proj) for b in self.blocks}
         with torch.no_grad():
             for part in self.shell_modules():
                 for module in part.modules():
-                    init_module_(module, residual_std if id(module) in residual else std, gen)
+                    init_module_(module, self.init_std, gen, depth_scale if id(module) in residual else 1.0)
             for block in self.blocks:
                 for module in block.mixer.modules():
-                    init_module_(module, residual_std if id(module) in residual else std, None)
+                    init_module_(module, self.init_std, None, depth_scale if id(module) in residual else 1.0)
                 block.mixer.reset_special_parameters()
 
     # ------------------------------------------------------------------------------------ properties
@@ -102,17 +104,23 @@ class MixerStack(nn.Module):
 
     # -------------------------------------------------------------------------------------- forward
     def forward(
-        self, x: torch.Tensor, cache: DecodingState | None = None, use_cache: bool = False, need_aux: bool = False
+        self,
+        x: torch.Tensor,
+        cache: DecodingState | None = None,
+        use_cache: bool = False,
+        need_aux: bool = False,
+        **mixer_kwargs: Any,
     ) -> tuple[torch.Tensor, DecodingState | None, torch.Tensor]:
         """x: [B, L, D] -> (h [B, L, D], cache, aux scalar: the mean of the mixers' aux losses, or 0).
-        A given ``cache`` is advanced in place; ``use_cache`` without one starts one."""
+        A given ``cache`` is advanced in place; ``use_cache`` without one starts one. ``mixer_kwargs``
+        go to every mixer (e.g. an encoder's ``key_valid`` mask)."""
         assert x.dim() == 3 and x.shape[-1] == self.d_model, f"x: {tuple(x.shape)}"
         keep = use_cache or cache is not None
         if keep and cache is None:
             cache = self.new_state()
         aux_terms = []
         for i, block in enumerate(self.blocks):
-            x, state, aux = block(x, cache.layers[i] if keep else None, keep, need_aux)
+            x, state, aux = block(x, cache.layers[i] if keep else None, keep, need_aux, **mixer_kwargs)
             if keep:
                 cache.layers[i] = state
             if aux is not None:
@@ -123,13 +131,15 @@ class MixerStack(nn.Module):
         return self.final_norm(x), cache, aux_loss
 
 
-def init_module_(module: nn.Module, std: float, gen: torch.Generator | None) -> None:
-    """The generic init of one module: Linear / Embedding weights ~ N(0, std) (sampled on the CPU
-    generator ``gen`` or the global one, then copied: the same values on every device), biases 0,
-    norms at identity. Other modules keep their own init."""
+def init_module_(module: nn.Module, std: float, gen: torch.Generator | None, scale: float = 1.0) -> None:
+    """The generic init of one module: Linear / Embedding weights ~ N(0, scale * std) (``std=0``: the
+    fan-in std 1 / sqrt(3 fan_in)), sampled on the CPU generator ``gen`` or the global one, then copied
+    (the same values on every device); biases 0; norms at identity. Other modules keep their own init."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         if module.weight.is_meta:  # shape-only builds (parameter counting) have nothing to fill
             return
+        fan_in = module.weight.shape[1] if isinstance(module, nn.Linear) else 1
+        std = scale * (std or (3 * fan_in) ** -0.5)
         module.weight.copy_(torch.randn(module.weight.shape, generator=gen, device="cpu") * std)
         if getattr(module, "bias", None) is not None:
             module.bias.zero_()
