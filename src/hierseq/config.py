@@ -98,13 +98,7 @@ class BaseConfig:
         model_type = data.pop("model_type", cls.model_type)
         if cls.model_type and model_type != cls.model_type:
             raise config_error("model_type", model_type, f"this config is for {cls.model_type!r}")
-        unknown = sorted(set(data) - set(cls.field_names()))
-        if unknown:
-            raise config_error(
-                unknown[0],
-                data[unknown[0]],
-                f"unknown field for {cls.__name__}; known fields: {cls.field_names()}",
-            )
+        cls._check_known(data)
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in data:
@@ -116,14 +110,15 @@ class BaseConfig:
                 kwargs[f.name] = value
         return cls(**kwargs)
 
-    def replace(self: C, **overrides: Any) -> C:
-        unknown = sorted(set(overrides) - set(self.field_names()))
+    @classmethod
+    def _check_known(cls, values: dict[str, Any]) -> None:
+        unknown = sorted(set(values) - set(cls.field_names()))
         if unknown:
-            raise config_error(
-                unknown[0],
-                overrides[unknown[0]],
-                f"unknown field for {type(self).__name__}; known fields: {self.field_names()}",
-            )
+            rule = f"unknown field for {cls.__name__}; known fields: {cls.field_names()}"
+            raise config_error(unknown[0], values[unknown[0]], rule)
+
+    def replace(self: C, **overrides: Any) -> C:
+        self._check_known(overrides)
         return dataclasses.replace(self, **overrides)
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -207,3 +202,8 @@ class LMConfig(BaseConfig):
             isinstance(k, str) and isinstance(v, dict) for k, v in self.mixer_options.items()
         ):
             raise config_error("mixer_options", self.mixer_options, "must map mixer names to dicts of fields")
+
+    def stack_kwargs(self) -> dict[str, Any]:
+        """The :class:`~hierseq.modules.stack.MixerStack` arguments this config sets."""
+        names = ("d_model", "n_layers", "mlp", "mlp_hidden", "norm", "dropout", "init_std")
+        return {name: getattr(self, name) for name in names}

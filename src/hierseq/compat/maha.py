@@ -97,17 +97,7 @@ class MAHATransformer(MixerStack):
             n_layers=num_layers,
             **overrides,
         )
-        super().__init__(
-            d_model,
-            num_layers,
-            lambda i: _mixer(config),
-            config.mlp,
-            config.mlp_hidden,
-            config.norm,
-            config.dropout,
-            config.init_std,
-            reset=False,
-        )
+        super().__init__(make_mixer=lambda i: _mixer(config), reset=False, **config.stack_kwargs())
         self.config, self.max_len = config, max_len
         self.embed = nn.Embedding(vocab_size, d_model)
         self.drop = nn.Dropout(config.dropout)

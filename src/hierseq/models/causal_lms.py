@@ -29,6 +29,12 @@ class CausalLMConfig(LMConfig):
 
     #: the mixer every layer uses when ``mixers`` is empty.
     mixer_name: ClassVar[str] = ""
+    #: the mixer's fields of a tiny but representative model (conformance suite, smoke tests).
+    small_mixer: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def small_overrides(cls) -> dict[str, Any]:
+        return {"d_model": 32, "n_layers": 2, **cls.small_mixer}
 
     def layer_mixers(self) -> list[str]:
         """The mixer of every layer: ``mixers`` repeated to ``n_layers``, or the model's own mixer."""
@@ -61,19 +67,12 @@ class MixerLM(CausalLM):
         super().__init__(config, lambda i: get_mixer(names[i])(config.d_model, configs[names[i]]))
 
 
-def _small(**extra: Any) -> dict[str, Any]:
-    return {"d_model": 32, "n_layers": 2, **extra}
-
-
 @dataclass
 class TransformerConfig(AttentionMixerConfig, CausalLMConfig):
     """The control: pre-norm, RoPE, SwiGLU, tied embeddings, KV-cache decoding."""
 
     mixer_name: ClassVar[str] = "attention"
-
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        return _small(n_heads=2)
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2}
 
 
 @dataclass
@@ -82,10 +81,8 @@ class TreeConfig(TreeMixerConfig, CausalLMConfig):
 
     mixer_name: ClassVar[str] = "tree"
 
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        # leaf 8 makes the conformance lengths (45, 80 tokens) span 6-10 leaves and 3-4 tree levels.
-        return _small(n_heads=2, leaf_size=8, n_summary=4)
+    # leaf 8 makes the conformance lengths (45, 80 tokens) span 6-10 leaves and 3-4 tree levels.
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "leaf_size": 8, "n_summary": 4}
 
 
 @dataclass
@@ -100,10 +97,8 @@ class HAMTLMConfig(HAMTMixerConfig, CausalLMConfig):
         """M, the resolved slot size."""
         return self.hcm_dim or 2 * self.d_model
 
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        # chunk_size 16 so the conformance lengths (45, 80) cross several chunk boundaries.
-        return _small(hcm_dim=32, num_slots=2, chunk_size=16)
+    # chunk_size 16 so the conformance lengths (45, 80) cross several chunk boundaries.
+    small_mixer: ClassVar[dict[str, Any]] = {"hcm_dim": 32, "num_slots": 2, "chunk_size": 16}
 
 
 @dataclass
@@ -120,11 +115,9 @@ class MAHAConfig(MAHAMixerConfig, CausalLMConfig):
                 "causal", self.causal, "the maha language model must be causal; use MAHATransformer(causal=False)"
             )
 
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        # window 8 and r = 2 so that short test sequences (33-80 tokens) cross many windows at every
-        # scale and reach the coarsest scale (needs r^(S-1) = 4 tokens).
-        return _small(n_heads=2, n_scales=3, downsample=2, window=8)
+    # window 8 and r = 2 so that short test sequences (33-80 tokens) cross many windows at every
+    # scale and reach the coarsest scale (needs r^(S-1) = 4 tokens).
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "n_scales": 3, "downsample": 2, "window": 8}
 
 
 @dataclass
@@ -132,10 +125,7 @@ class LinearAttentionConfig(LinearAttentionMixerConfig, CausalLMConfig):
     """Plain causal linear attention (``mixers/linear_attention.py``)."""
 
     mixer_name: ClassVar[str] = "linear_attn"
-
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        return _small(n_heads=2, chunk_size=16)
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "chunk_size": 16}
 
 
 @dataclass
@@ -145,36 +135,19 @@ class MambaConfig(MambaMixerConfig, CausalLMConfig):
     mixer_name: ClassVar[str] = "mamba"
     mlp: str = "none"
 
-    @classmethod
-    def small_overrides(cls) -> dict[str, Any]:
-        return _small(d_state=8)
+    small_mixer: ClassVar[dict[str, Any]] = {"d_state": 8}
 
 
-@register("transformer", config=TransformerConfig)
-class TransformerLM(MixerLM):
-    pass
+def _register(name: str, config: type[CausalLMConfig], class_name: str) -> type[MixerLM]:
+    """Register model ``name``: the shell over the mixers ``config`` names (a class of its own, so a
+    loaded model's type says what it is)."""
+    cls = type(class_name, (MixerLM,), {"__module__": __name__, "__qualname__": class_name, "__doc__": config.__doc__})
+    return register(name, config=config)(cls)
 
 
-@register("tree", config=TreeConfig)
-class TreeLM(MixerLM):
-    pass
-
-
-@register("hamt", config=HAMTLMConfig)
-class HAMTLM(MixerLM):
-    pass
-
-
-@register("maha", config=MAHAConfig)
-class MAHALM(MixerLM):
-    pass
-
-
-@register("linear_attn", config=LinearAttentionConfig)
-class LinearAttentionLM(MixerLM):
-    pass
-
-
-@register("mamba", config=MambaConfig)
-class MambaLM(MixerLM):
-    pass
+TransformerLM = _register("transformer", TransformerConfig, "TransformerLM")
+TreeLM = _register("tree", TreeConfig, "TreeLM")
+HAMTLM = _register("hamt", HAMTLMConfig, "HAMTLM")
+MAHALM = _register("maha", MAHAConfig, "MAHALM")
+LinearAttentionLM = _register("linear_attn", LinearAttentionConfig, "LinearAttentionLM")
+MambaLM = _register("mamba", MambaConfig, "MambaLM")

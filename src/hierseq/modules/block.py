@@ -8,8 +8,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .state import LayerState
-
 
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + mlp(norm(x)) (no second half when ``mlp`` is None). x: [B, L, D].
@@ -23,15 +21,9 @@ class Block(nn.Module):
         self.mlp_norm, self.mlp = (norm(), mlp) if mlp is not None else (None, None)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: LayerState | None = None,
-        use_cache: bool = False,
-        need_aux: bool = False,
-        **mixer_kwargs: Any,
-    ) -> tuple[torch.Tensor, LayerState | None, torch.Tensor | None]:
-        h, state, aux = self.mixer(self.mixer_norm(x), state, use_cache, need_aux, **mixer_kwargs)
+    def forward(self, x: torch.Tensor, *mixer_args: Any, **mixer_kwargs: Any) -> tuple[torch.Tensor, Any, Any]:
+        """x: [B, L, D]; the other arguments go to the mixer. Returns (x', the mixer's state, its aux)."""
+        h, state, aux = self.mixer(self.mixer_norm(x), *mixer_args, **mixer_kwargs)
         x = x + self.resid_dropout(h)
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))

@@ -28,17 +28,7 @@ class CausalLM(MixerStack):
     """
 
     def __init__(self, config: LMConfig, make_mixer: Callable[[int], nn.Module]) -> None:
-        super().__init__(
-            config.d_model,
-            config.n_layers,
-            make_mixer,
-            config.mlp,
-            config.mlp_hidden,
-            config.norm,
-            config.dropout,
-            config.init_std,
-            reset=False,
-        )
+        super().__init__(make_mixer=make_mixer, reset=False, **config.stack_kwargs())
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.drop = nn.Dropout(config.dropout)

@@ -1,11 +1,12 @@
 """A stack of pre-norm blocks over swappable mixers, with a final norm: the body of every causal LM (and of
 HiSS's levels), with the one init of the library.
 
-Init (one scheme, by role): every ``nn.Linear`` / ``nn.Embedding`` weight ~ N(0, init_std) (``init_std=0``:
-fan-in scaled, std = 1 / sqrt(3 fan_in), the spread of torch's default, which small continuous-input
-models need), biases 0, norms at identity; the two residual output projections of each block (``block.mixer.out_proj`` and
-``block.mlp.out_proj``, found by attribute, not by parameter name) ~ N(0, init_std / sqrt(2 n_layers)),
-so the residual stream's variance does not grow with depth; then each mixer's own
+Init (one scheme, by role): every ``nn.Linear`` / ``nn.Embedding`` weight ~ N(0, init_std)
+(``init_std=0``: fan-in scaled, std = 1 / sqrt(3 fan_in), the spread of torch's default, which small
+continuous-input models need), biases 0, norms at identity; the two residual output projections of
+each block (``block.mixer.out_proj`` and ``block.mlp.out_proj``, found by attribute, not by parameter
+name) get that std / sqrt(2 n_layers), so the residual stream's variance does not grow with depth;
+then each mixer's own
 ``reset_special_parameters()`` (conv taps, decay rates, dt, ...). Everything outside the mixers is drawn
 from a generator of its own, seeded once from the global RNG before any mixer is built, so two stacks
 built under the same seed have identical norms and MLPs whatever their mixers.
