@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import hierseq
+from hierseq.mixers.mamba import Mamba, MambaState
 from hierseq.models.hiss import HSSS, HiSSConfig, LowLevelMamba
+from hierseq.modules.state import DecodingState
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -131,10 +133,26 @@ def test_low_level_mamba_honours_its_arguments() -> None:
         dim=8, depth=2, dt_rank=3, d_state=5, expand_factor=3, d_conv=6, bias=True, conv_bias=False, pscan=False
     )
     sequential.load_state_dict(low.state_dict())
-    assert sequential.stack.blocks[0].mixer.scan == "reference"
+    assert sequential.stack.blocks[0].mixer.cfg.scan == "reference"
     x = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         torch.testing.assert_close(low(x), sequential(x), rtol=1e-5, atol=1e-5)
+
+
+def test_low_level_mamba_state_is_a_decoding_state_that_continues() -> None:
+    torch.manual_seed(0)
+    low = LowLevelMamba(dim=8, depth=2, d_state=4).eval()
+    assert all(isinstance(block.mixer, Mamba) for block in low.stack.blocks)
+    x = torch.randn(2, 15, 8, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = low(x)
+        h1, state = low(x[:, :6], return_state=True)
+        assert isinstance(state, DecodingState) and state.length == 6
+        assert all(isinstance(s, MambaState) for s in state.layers)
+        h2, same = low(x[:, 6:7], state, return_state=True)  # one step: the recurrent path
+        h3, same_again = low(x[:, 7:], state, return_state=True)  # a chunk from the carried state
+    assert same is state and same_again is state and state.length == 15
+    torch.testing.assert_close(torch.cat([h1, h2, h3], 1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_hsss_argument_errors() -> None:

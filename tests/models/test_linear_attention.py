@@ -1,4 +1,6 @@
-"""Linear attention: chunked path vs the loop over time, recurrent step, state size, config errors."""
+"""Linear attention as a language model: recurrent decoding equals the full forward with a constant state,
+the state-size formula, config errors. The op is tested in ``tests/ops/test_linear_attention.py``, the
+mixer in ``tests/mixers/test_linear_attention.py``."""
 
 from __future__ import annotations
 
@@ -6,44 +8,9 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.models.linear_attention import (
-    LinearAttentionCache,
-    LinearAttentionConfig,
-    linear_attention_chunked,
-    linear_attention_reference,
-    linear_attention_step,
-)
-
-
-def _inputs(length: int = 29, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.rand(2, 3, length, 4, generator=g, dtype=torch.float64) + 0.1  # positive, like elu + 1
-    k = torch.rand(2, 3, length, 4, generator=g, dtype=torch.float64) + 0.1
-    v = torch.randn(2, 3, length, 5, generator=g, dtype=torch.float64)
-    state = torch.rand(2, 3, 4, 6, generator=g, dtype=torch.float64)
-    return q, k, v, state
-
-
-@pytest.mark.parametrize("chunk_size", [1, 8, 29, 64])
-@pytest.mark.parametrize("with_state", [False, True])
-def test_chunked_matches_reference(chunk_size: int, with_state: bool) -> None:
-    q, k, v, state = _inputs()
-    state = state if with_state else None
-    out_ref, final_ref = linear_attention_reference(q, k, v, state)
-    out, final = linear_attention_chunked(q, k, v, state, chunk_size)
-    torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(final, final_ref, rtol=1e-10, atol=1e-10)
-
-
-def test_step_is_normalised_attention_by_hand() -> None:
-    # two tokens, one head: out_2 = (q.k1 v1 + q.k2 v2) / (q.k1 + q.k2)
-    q = torch.tensor([[[1.0, 2.0]]])
-    k1, k2 = torch.tensor([[[1.0, 0.0]]]), torch.tensor([[[0.0, 1.0]]])
-    v1, v2 = torch.tensor([[[3.0]]]), torch.tensor([[[6.0]]])
-    _, state = linear_attention_step(q, k1, v1, None)
-    out, state = linear_attention_step(q, k2, v2, state)
-    torch.testing.assert_close(out, torch.tensor([[[(1 * 3 + 2 * 6) / 3.0]]]), rtol=1e-5, atol=1e-5)
-    assert state.shape == (1, 1, 2, 2)
+from hierseq.mixers.linear_attention import LinearAttention, RecurrentState
+from hierseq.models.causal_lms import LinearAttentionConfig
+from hierseq.modules.state import DecodingState
 
 
 def test_model_step_equals_full_forward_and_state_is_constant() -> None:
@@ -55,22 +22,30 @@ def test_model_step_equals_full_forward_and_state_is_constant() -> None:
     with torch.no_grad():
         for t in range(40):
             out = model(ids[:, t : t + 1], cache=cache, use_cache=True)
+            assert cache is None or out.cache is cache  # a given cache is advanced in place
             cache = out.cache
             steps.append(out.logits)
     torch.testing.assert_close(torch.cat(steps, 1), full.detach(), rtol=1e-4, atol=1e-5)
-    assert isinstance(cache, LinearAttentionCache) and cache.length == 40
+    assert isinstance(cache, DecodingState) and cache.length == 40
+    assert all(isinstance(s, RecurrentState) for s in cache.layers)
     assert cache.detach() is cache
-    floats = sum(c.numel() + s.numel() for c, s in cache.layers) // 2  # per batch row
-    assert floats == model.config.n_layers * model.state_size()
+    floats = sum(s.conv.numel() + s.memory.numel() for s in cache.layers) // 2  # per batch row
+    assert floats == cache.num_floats() // 2 == model.state_floats(40) == model.state_floats(1)
+    assert all(isinstance(b.mixer, LinearAttention) for b in model.blocks)
+    assert model.state_floats(40) == model.config.n_layers * model.blocks[0].mixer.state_size(40)
 
 
 def test_state_size_formula() -> None:
     model = hierseq.build_model("linear_attn", d_model=64, n_layers=2, n_heads=1, key_dim=64, conv_kernel=4)
-    # 1 head x 64 keys x (64 values + normaliser) + conv window (64 + 64 + 64 channels x 3 taps)
-    assert model.state_size() == 64 * 65 + 192 * 3
+    # per layer: 1 head x 64 keys x (64 values + normaliser) + conv window (64 + 64 + 64 channels x 3 taps)
+    assert model.state_floats(100) == 2 * (64 * 65 + 192 * 3)
 
 
-@pytest.mark.parametrize(("field", "value"), [("n_heads", 3), ("key_dim", -1), ("conv_kernel", 0), ("chunk_size", 0)])
-def test_config_errors(field: str, value: int) -> None:
-    with pytest.raises(ValueError, match=f"{field if field != 'n_heads' else 'd_model'}="):
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("n_heads", 3, "d_model=.*n_heads=3"), ("key_dim", -1, "key_dim=-1"), ("conv_kernel", 0, "conv_kernel=0"),
+     ("chunk_size", 0, "chunk_size=0")],
+)  # fmt: skip
+def test_config_errors(field: str, value: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
         LinearAttentionConfig(**{field: value})

@@ -1,0 +1,211 @@
+"""The HAMT mixer (holographic slot memory): the mixer signature, its recurrent step against the chunked
+parallel path, carried state (TBPTT), O(1) state size, the retention loss, its special init, config checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hierseq.mixers.hamt import HAMTMixerConfig, HolographicMemoryMixer
+from hierseq.mixers.linear_attention import RecurrentState
+
+D = 16
+CONFIGS = [
+    {},
+    {"binding": "circular"},
+    {"binding": "circular", "key_type": "unitary"},
+    {"key_type": "l2", "use_gating": False},
+]
+IDS = ["elementwise-bipolar", "circular-bipolar", "circular-unitary", "elementwise-l2-nogate"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny ops: one thread is faster than two on a shared, loaded CPU. Restored after every test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_mixer(seed: int = 0, **fields) -> HolographicMemoryMixer:
+    """A small mixer with the special init the LM shell applies (decay rates, write gate, conv)."""
+    torch.manual_seed(seed)
+    cfg = HAMTMixerConfig(**{"hcm_dim": 32, "num_slots": 2, "chunk_size": 8, **fields})
+    cfg.check(D)
+    mixer = HolographicMemoryMixer(D, cfg)
+    mixer.reset_special_parameters()
+    return mixer.eval()
+
+
+def random_input(batch: int = 2, length: int = 30, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_signature_state_and_aux() -> None:
+    mixer = make_mixer()
+    x = random_input()
+    with torch.no_grad():
+        y, state, aux = mixer(x)
+        assert y.shape == x.shape and state is None and aux is None
+        y_cached, state, aux = mixer(x, use_cache=True)
+        torch.testing.assert_close(y_cached, y, rtol=0, atol=0)
+        assert isinstance(state, RecurrentState) and aux is None
+        assert state.memory.shape == (2, 2, 32) and state.conv.shape == (2, 3 * 32, 3)
+        _, no_state, aux = mixer(x, need_aux=True)
+        assert no_state is None and aux.shape == () and torch.isfinite(aux)
+        # a given state is continued (and a state returned) without use_cache
+        _, continued, _ = mixer(x[:, :3], state)
+        assert isinstance(continued, RecurrentState)
+
+
+def test_hcm_dim_zero_means_twice_the_width() -> None:
+    mixer = make_mixer(hcm_dim=0)
+    assert mixer.memory_dim == 2 * D and mixer.out_proj.in_features == 2 * D
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=IDS)
+def test_recurrent_step_equals_parallel_path_token_by_token(fields: dict) -> None:
+    mixer = make_mixer(**fields)
+    x = random_input(length=30)
+    with torch.no_grad():
+        full, full_state, _ = mixer(x, use_cache=True)
+        state, steps = None, []
+        for t in range(x.shape[1]):
+            y_t, state, _ = mixer(x[:, t : t + 1], state, use_cache=True)
+            steps.append(y_t)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state.memory, full_state.memory, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state.conv, full_state.conv, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields", CONFIGS, ids=IDS)
+def test_prefill_steps_and_chunks_equal_one_pass(fields: dict) -> None:
+    # segments that start and end inside chunks (chunk 8) and one longer than the conv window
+    mixer = make_mixer(**fields)
+    x = random_input(length=40)
+    with torch.no_grad():
+        full = mixer(x)[0]
+        state, pieces, start = None, [], 0
+        for size in (5, 1, 1, 13, 1, 2, 17):
+            y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
+            pieces.append(y)
+            start += size
+    assert start == 40
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_by_perturbation() -> None:
+    mixer = make_mixer()
+    x = random_input(length=24)
+    perturbed = x.clone()
+    perturbed[:, 13:] += torch.randn(2, 11, D, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, y_perturbed = mixer(x)[0], mixer(perturbed)[0]
+    torch.testing.assert_close(y_perturbed[:, :13], y[:, :13], rtol=0, atol=1e-6)
+    assert (y_perturbed[:, 13:] - y[:, 13:]).abs().max() > 1e-3
+
+
+def test_carried_state_with_gradients_then_detach() -> None:
+    # TBPTT building block: two calls with the carried state == one call on the concatenation; the
+    # gradient flows through the carried state into the first segment until the state is detached.
+    mixer = make_mixer()
+    x = random_input(length=40).requires_grad_()
+    first, state, _ = mixer(x[:, :23], use_cache=True)
+    second, state, _ = mixer(x[:, 23:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), mixer(x)[0], rtol=1e-4, atol=1e-5)
+    assert state.memory.requires_grad and state.conv.requires_grad
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :23].abs().sum() > 0 and grad[:, 23:].abs().sum() > 0
+
+    _, state, _ = mixer(x[:, :23], use_cache=True)
+    values = state.clone()
+    detached = state.detach()
+    assert detached is state and not (state.memory.requires_grad or state.conv.requires_grad)
+    assert torch.equal(state.memory, values.memory) and torch.equal(state.conv, values.conv)
+    second, _, _ = mixer(x[:, 23:], state)
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :23].abs().sum() == 0 and grad[:, 23:].abs().sum() > 0
+
+
+def test_state_does_not_grow_with_context() -> None:
+    mixer = make_mixer()
+    with torch.no_grad():
+        short = mixer(random_input(batch=1, length=10), use_cache=True)[1]
+        long = mixer(random_input(batch=1, length=300), use_cache=True)[1]
+        stepped = mixer(random_input(batch=1, length=1), long)[1]
+    # memory S * M plus the conv window 3M * (K - 1), whatever the length
+    expected = 2 * 32 + 3 * 32 * 3
+    assert short.num_floats() == long.num_floats() == stepped.num_floats() == expected
+    assert mixer.state_size(10) == mixer.state_size(300) == expected
+    assert mixer.tbptt_refusal() is None
+
+
+def test_eval_is_deterministic() -> None:
+    # Seed defect 2: keys were redrawn on every call, so two eval passes differed.
+    mixer = make_mixer()
+    x = random_input()
+    with torch.no_grad():
+        assert torch.equal(mixer(x)[0], mixer(x)[0])
+        assert torch.equal(mixer(x, need_aux=True)[2], mixer(x, need_aux=True)[2])
+
+
+def test_retention_loss_penalises_forgetting() -> None:
+    mixer = make_mixer()
+    x = random_input(length=48)
+    with torch.no_grad():
+        aux = mixer(x, need_aux=True)[2]
+        assert 0.0 < aux.item() < 2.0
+        mixer.decay_bias.fill_(30.0)  # forget everything at every step: the chunk-end state keeps 1 token
+        forgetful = mixer(x, need_aux=True)[2]
+    assert forgetful.item() > aux.item() + 0.1
+
+
+def test_retention_loss_on_the_step_path_matches_the_parallel_path() -> None:
+    # With chunk_size 1 every token's chunk ends at the token itself, so the parallel path's loss is
+    # the mean over tokens of the loss the recurrent step reports for that token.
+    mixer = make_mixer(chunk_size=1)
+    x = random_input(length=12)
+    with torch.no_grad():
+        parallel = mixer(x, need_aux=True)[2]
+        state, per_token = None, []
+        for t in range(x.shape[1]):
+            _, state, aux = mixer(x[:, t : t + 1], state, use_cache=True, need_aux=True)
+            per_token.append(aux)
+    assert 0.0 < parallel.item() < 2.0
+    torch.testing.assert_close(torch.stack(per_token).mean(), parallel, rtol=1e-4, atol=1e-5)
+
+
+def test_special_init() -> None:
+    mixer = make_mixer(num_slots=3, decay_rate=0.9)
+    forget = torch.nn.functional.softplus(mixer.decay_bias.detach())
+    torch.testing.assert_close(forget, -math.log(0.9) * torch.tensor([1.0, 0.5, 0.25]))
+    assert mixer.gate_proj.bias[-1].item() == 2.0
+    assert torch.equal(mixer.conv.bias.detach(), torch.zeros_like(mixer.conv.bias))
+    # without gating, slot s keeps decay_rate ** (2 ** -s) per token, whatever the input
+    ungated = make_mixer(num_slots=3, decay_rate=0.9, use_gating=False)
+    _, _, _, write, log_decay, _ = ungated._features(torch.randn(1, 4, 3 * 32), torch.randn(1, 4, D))
+    torch.testing.assert_close(log_decay.exp(), (0.9 ** torch.tensor([1.0, 0.5, 0.25])).expand(1, 4, 3))
+    torch.testing.assert_close(write.sum(-1), torch.ones(1, 4))  # always write, routed over the slots
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("decay_rate", 1.0),
+        ("decay_rate", 0.0),
+        ("decay_rate", "0.5"),
+        ("binding", "fft"),
+        ("key_type", "gauss"),
+        ("chunk_size", 0),
+        ("hcm_dim", -4),
+        ("num_slots", 0),
+        ("conv_kernel", 0),
+        ("use_gating", "yes"),
+    ],
+)
+def test_config_errors_name_field_and_value(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        HAMTMixerConfig(**{field: value}).check(D)

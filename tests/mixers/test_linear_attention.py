@@ -1,0 +1,108 @@
+"""The linear-attention mixer: the mixer signature, its recurrent step against the chunked path, carried
+state (TBPTT), constant state size and its formula, config checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hierseq.mixers.linear_attention import LinearAttention, LinearAttentionMixerConfig, RecurrentState
+
+D = 16
+
+
+def make_mixer(seed: int = 0, d_model: int = D, **fields) -> LinearAttention:
+    torch.manual_seed(seed)
+    cfg = LinearAttentionMixerConfig(**{"n_heads": 2, "chunk_size": 8, **fields})
+    cfg.check(d_model)
+    return LinearAttention(d_model, cfg).eval()
+
+
+def random_input(batch: int = 2, length: int = 30, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, length, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_signature_and_state() -> None:
+    mixer = make_mixer()
+    x = random_input()
+    with torch.no_grad():
+        y, state, aux = mixer(x)
+        assert y.shape == x.shape and state is None and aux is None
+        y_cached, state, aux = mixer(x, use_cache=True, need_aux=True)
+    torch.testing.assert_close(y_cached, y, rtol=0, atol=0)
+    assert isinstance(state, RecurrentState) and aux is None
+    # memory [B, H, dk, dv + 1] (the last column is the normaliser); conv window [B, 2 H dk + D, K - 1]
+    assert state.memory.shape == (2, 2, 8, 9) and state.conv.shape == (2, 2 * 16 + 16, 3)
+
+
+@pytest.mark.parametrize("fields", [{}, {"key_dim": 5}, {"conv_kernel": 1}], ids=["default", "key_dim", "no-conv"])
+def test_step_equals_full_forward_and_state_is_constant(fields: dict) -> None:
+    mixer = make_mixer(**fields)
+    x = random_input(length=40)
+    with torch.no_grad():
+        full, full_state, _ = mixer(x, use_cache=True)
+        state, steps = None, []
+        for t in range(40):
+            y_t, state, _ = mixer(x[:, t : t + 1], state, use_cache=True)
+            steps.append(y_t)
+            assert state.num_floats() == 2 * mixer.state_size(t + 1)  # per batch row, from the first token
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(state.memory, full_state.memory, rtol=1e-4, atol=1e-4)
+    assert full_state.num_floats() == 2 * mixer.state_size(40)
+
+
+def test_prefill_steps_and_chunks_equal_one_pass() -> None:
+    mixer = make_mixer()
+    x = random_input(length=40)
+    with torch.no_grad():
+        full = mixer(x)[0]
+        state, pieces, start = None, [], 0
+        for size in (5, 1, 1, 13, 1, 2, 17):
+            y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
+            pieces.append(y)
+            start += size
+    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_by_perturbation() -> None:
+    mixer = make_mixer()
+    x = random_input(length=24)
+    perturbed = x.clone()
+    perturbed[:, 13:] += torch.randn(2, 11, D, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        y, y_perturbed = mixer(x)[0], mixer(perturbed)[0]
+    torch.testing.assert_close(y_perturbed[:, :13], y[:, :13], rtol=0, atol=1e-6)
+    assert (y_perturbed[:, 13:] - y[:, 13:]).abs().max() > 1e-3
+
+
+def test_carried_state_with_gradients_then_detach() -> None:
+    mixer = make_mixer()
+    x = random_input(length=30).requires_grad_()
+    first, state, _ = mixer(x[:, :17], use_cache=True)
+    second, state, _ = mixer(x[:, 17:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), mixer(x)[0], rtol=1e-4, atol=1e-5)
+    assert state.memory.requires_grad
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :17].abs().sum() > 0
+    _, state, _ = mixer(x[:, :17], use_cache=True)
+    assert state.detach() is state and not (state.memory.requires_grad or state.conv.requires_grad)
+    second, _, _ = mixer(x[:, 17:], state)
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :17].abs().sum() == 0 and grad[:, 17:].abs().sum() > 0
+
+
+def test_state_size_formula() -> None:
+    mixer = make_mixer(d_model=64, n_heads=1, key_dim=64, conv_kernel=4)
+    # 1 head x 64 keys x (64 values + normaliser) + conv window (64 + 64 + 64 channels x 3 taps)
+    assert mixer.state_size(1) == mixer.state_size(1000) == 64 * 65 + 192 * 3
+    assert mixer.tbptt_refusal() is None
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("n_heads", 3, "d_model=16"), ("n_heads", 0, "n_heads=0"), ("key_dim", -1, "key_dim=-1"),
+     ("conv_kernel", 0, "conv_kernel=0"), ("chunk_size", 0, "chunk_size=0")],
+)  # fmt: skip
+def test_config_errors(field: str, value: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LinearAttentionMixerConfig(**{field: value}).check(D)
