@@ -7,7 +7,8 @@ import torch
 
 import hierseq
 from hierseq.mixers.mamba import Mamba, MambaState
-from hierseq.models.hiss import HSSS, HiSSConfig, LowLevelMamba
+from hierseq.compat.hiss import HSSS, LowLevelMamba
+from hierseq.models.hiss import HiSSConfig
 from hierseq.modules.state import DecodingState
 
 

@@ -13,13 +13,10 @@ caller keeps them buffered until the chunk completes). ``remainder="partial"``: 
 shorter chunk whose feature is the low-level output at its last available step, giving ceil(T / C)
 predictions; in streaming that prediction comes from ``flush()`` at the end of the stream.
 
-Also here, so the comparison is one file:
-
-* ``flat_regressor``: the flat control (mamba / lstm / transformer over all T steps, read out at the
-  last step of every chunk), so every model's prediction k sees exactly inputs 0 .. (k + 1) * C - 1;
-* the seed API: :class:`LowLevelMamba` (a Mamba stack on continuous features) and :class:`HSSS`
-  (several low-level models whose chunk features are concatenated, projected, and fed to a high-level
-  Mamba).
+Also here, so the comparison is one file: ``flat_regressor``, the flat control (mamba / lstm /
+transformer over all T steps, read out at the last step of every chunk), so every model's prediction k
+sees exactly inputs 0 .. (k + 1) * C - 1. The seed's API (``LowLevelMamba``, ``HSSS``) is in
+``compat/hiss.py``.
 
 Streaming: ``model.stream(batch)`` returns a :class:`ChunkStream`; ``push(x_piece)`` takes any number of
 new steps and returns the predictions of the chunks that finished ([B, k, D_out], k >= 0), equal to
@@ -178,20 +175,15 @@ def chunk_last_features(x: torch.Tensor, chunk_size: int, remainder: str, low_le
 
 # ------------------------------------------------------------------------------------------ HiSS
 @dataclass
-class HiSSConfig(BaseConfig):
-    """HiSS regressor. ``d_model`` / ``n_layers`` size the high level; ``d_low`` (0 = d_model) and
-    ``n_low_layers`` the low level. ``vocab_size`` (a shared field) is unused: inputs are continuous.
-    Mamba fields apply to whichever level is a Mamba; ``n_heads`` to a Transformer level."""
+class ChunkedRegressionConfig(BaseConfig):
+    """Fields shared by HiSS and its flat control. ``vocab_size`` (a shared field) is unused: inputs are
+    continuous. Mamba fields apply to whichever level is a Mamba; ``n_heads`` to a Transformer level."""
 
     d_model: int = 64
     n_layers: int = 1
     d_in: int = 6
     d_out: int = 2
     chunk_size: int = 10
-    low_level: str = "mamba"
-    high_level: str = "mamba"
-    d_low: int = 0
-    n_low_layers: int = 1
     n_heads: int = 2
     d_state: int = 16
     d_conv: int = 4
@@ -206,19 +198,36 @@ class HiSSConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("d_in", "d_out", "chunk_size", "n_low_layers", "n_heads"):
+        for name in ("d_in", "d_out", "chunk_size", "n_heads"):
             check_positive_int(name, getattr(self, name))
-        check_nonneg_int("d_low", self.d_low)
         check_mamba_fields(self)
-        check_choice("low_level", self.low_level, LEVEL_KINDS)
-        check_choice("high_level", self.high_level, LEVEL_KINDS)
         check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
         check_choice("remainder", self.remainder, REMAINDER_POLICIES)
-        for level, width in (("low_level", self.d_low or self.d_model), ("high_level", self.d_model)):
-            if getattr(self, level) == "transformer" and (width % self.n_heads or (width // self.n_heads) % 2):
-                raise config_error(
-                    "n_heads", self.n_heads, f"a transformer {level} of width {width} needs an even head dim"
-                )
+
+    def check_level(self, field_name: str, kind: str, width: int) -> None:
+        check_choice(field_name, kind, LEVEL_KINDS)
+        if kind == "transformer" and (width % self.n_heads or (width // self.n_heads) % 2):
+            raise config_error(
+                "n_heads", self.n_heads, f"a transformer {field_name} of width {width} needs an even head dim"
+            )
+
+
+@dataclass
+class HiSSConfig(ChunkedRegressionConfig):
+    """HiSS regressor. ``d_model`` / ``n_layers`` size the high level; ``d_low`` (0 = d_model) and
+    ``n_low_layers`` the low level."""
+
+    low_level: str = "mamba"
+    high_level: str = "mamba"
+    d_low: int = 0
+    n_low_layers: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("n_low_layers", self.n_low_layers)
+        check_nonneg_int("d_low", self.d_low)
+        self.check_level("low_level", self.low_level, self.d_low or self.d_model)
+        self.check_level("high_level", self.high_level, self.d_model)
 
 
 class ChunkStream:
@@ -330,38 +339,15 @@ class HiSS(nn.Module):
 
 # ------------------------------------------------------------------------------- flat control
 @dataclass
-class FlatRegressorConfig(BaseConfig):
-    """Flat control for HiSS: one model over all T steps, read out at the last step of every chunk.
-    ``vocab_size`` is unused (continuous inputs)."""
+class FlatRegressorConfig(ChunkedRegressionConfig):
+    """Flat control for HiSS: one model over all T steps, read out at the last step of every chunk."""
 
-    d_model: int = 64
     n_layers: int = 2
-    d_in: int = 6
-    d_out: int = 2
-    chunk_size: int = 10
     backbone: str = "mamba"
-    n_heads: int = 2
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int = 0
-    norm: str = "rmsnorm"
-    remainder: str = "drop"
-
-    @classmethod
-    def small_overrides(cls) -> dict:
-        return {"d_model": 16, "n_layers": 1, "d_in": 3, "d_out": 2, "chunk_size": 4, "d_state": 4}
 
     def validate(self) -> None:
         super().validate()
-        for name in ("d_in", "d_out", "chunk_size", "n_heads"):
-            check_positive_int(name, getattr(self, name))
-        check_mamba_fields(self)
-        check_choice("backbone", self.backbone, LEVEL_KINDS)
-        check_choice("norm", self.norm, ("rmsnorm", "layernorm"))
-        check_choice("remainder", self.remainder, REMAINDER_POLICIES)
-        if self.backbone == "transformer" and (self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2):
-            raise config_error("n_heads", self.n_heads, f"a transformer of width {self.d_model} needs an even head dim")
+        self.check_level("backbone", self.backbone, self.d_model)
 
 
 @register("flat_regressor", config=FlatRegressorConfig, kind="seq_regression")
@@ -429,140 +415,3 @@ class FlatRegressor(nn.Module):
             batch = last.shape[0] if last is not None else 1
             return self.head.weight.new_zeros(batch, 0, self.config.d_out)
         return self.head(last)
-
-
-# --------------------------------------------------------------------------------------- seed API
-class LowLevelMamba(nn.Module):
-    """The seed's low-level model: ``depth`` pre-norm Mamba blocks + final RMSNorm on continuous
-    features. x: [B, L, dim] -> [B, L, dim]. Every argument is honoured; ``pscan=True`` uses the fast
-    parallel scan, ``False`` the sequential reference (same numbers, slower)."""
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        dt_rank: int | str = "auto",
-        d_state: int = 16,
-        expand_factor: int = 2,
-        d_conv: int = 4,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init: str = "random",
-        dt_scale: float = 1.0,
-        bias: bool = False,
-        conv_bias: bool = True,
-        pscan: bool = True,
-    ) -> None:
-        super().__init__()
-        check_positive_int("dim", dim)
-        check_positive_int("depth", depth)
-        if dt_rank == "auto":
-            dt_rank = 0
-        if isinstance(dt_rank, bool) or not isinstance(dt_rank, int) or dt_rank < 0:
-            raise config_error("dt_rank", dt_rank, "must be 'auto' or a positive integer")
-        self.dim = dim
-        cfg = MambaMixerConfig(
-            d_state=d_state,
-            d_conv=d_conv,
-            expand=expand_factor,
-            dt_rank=dt_rank,
-            dt_min=dt_min,
-            dt_max=dt_max,
-            dt_init=dt_init,
-            dt_scale=dt_scale,
-            bias=bias,
-            conv_bias=conv_bias,
-            scan="fast" if pscan else "reference",
-        )
-        cfg.check(dim)
-        self.stack = mamba_stack(dim, depth, cfg)
-
-    def forward(self, x: torch.Tensor, state: Any = None, return_state: bool = False) -> Any:
-        """x: [B, L, dim] float; optional state (a DecodingState) to continue from."""
-        x = check_features(x, self.dim)
-        return self.stack(x, state, return_state)
-
-
-class HSSS(nn.Module):
-    """The seed's hierarchical model, made to work.
-
-    ``layers``: low-level models (e.g. :class:`LowLevelMamba`), all reading the same input features
-    (x: [B, T, layers[i].dim], equal for every i). Each runs on every chunk of ``chunk_size`` steps
-    (state reset per chunk); their last-step features are concatenated ([B, n, sum dims]), projected
-    to ``dim`` (``proj_layer=True``; with False the concatenation must already have width ``dim``), and
-    a high-level Mamba of width ``dim`` and ``depth`` layers (the remaining arguments) runs over the n
-    chunk features. Output: [B, n, dim], or [B, n, d_out] with a linear head when ``d_out`` is given;
-    n = T // chunk_size (``remainder='drop'``) or ceil(T / chunk_size) (``'partial'``).
-
-    The seed README's example (x = torch.randn(1, 10, 8), three LowLevelMamba(dim=8), dim=12) gives
-    [1, 1, 12] with the default chunk_size=10 (the paper's C), and [1, 2, 12] with chunk_size=5.
-    """
-
-    def __init__(
-        self,
-        layers: list[nn.Module],
-        dim: int,
-        depth: int,
-        dt_rank: int | str = "auto",
-        d_state: int = 16,
-        expand_factor: int = 2,
-        d_conv: int = 4,
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init: str = "random",
-        dt_scale: float = 1.0,
-        bias: bool = False,
-        conv_bias: bool = True,
-        pscan: bool = True,
-        proj_layer: bool = True,
-        chunk_size: int = 10,
-        d_out: int | None = None,
-        remainder: str = "drop",
-    ) -> None:
-        super().__init__()
-        if not layers:
-            raise config_error("layers", layers, "needs at least one low-level model")
-        dims = [getattr(layer, "dim", None) for layer in layers]
-        if any(not isinstance(d, int) for d in dims) or len(set(dims)) != 1:
-            raise config_error("layers", dims, "every low-level model needs the same integer .dim (the input width)")
-        check_positive_int("chunk_size", chunk_size)
-        check_choice("remainder", remainder, REMAINDER_POLICIES)
-        if d_out is not None:
-            check_positive_int("d_out", d_out)
-        concat = sum(dims)
-        if not proj_layer and concat != dim:
-            raise config_error(
-                "proj_layer", proj_layer, f"without a projection the concatenated width {concat} must equal dim={dim}"
-            )
-        # nn.ModuleList registers every low-level model (the seed kept them in a plain list).
-        self.layers = nn.ModuleList(layers)
-        self.d_in = dims[0]
-        self.chunk_size = chunk_size
-        self.remainder = remainder
-        self.proj = nn.Linear(concat, dim) if proj_layer else nn.Identity()
-        self.high = LowLevelMamba(
-            dim,
-            depth,
-            dt_rank,
-            d_state,
-            expand_factor,
-            d_conv,
-            dt_min,
-            dt_max,
-            dt_init,
-            dt_scale,
-            bias,
-            conv_bias,
-            pscan,
-        )
-        self.head = nn.Linear(dim, d_out) if d_out is not None else nn.Identity()
-
-    def _low_level(self, chunks: torch.Tensor) -> torch.Tensor:
-        """chunks: [B * n, C, d_in] -> concatenated low-level outputs [B * n, C, sum dims]."""
-        return torch.cat([layer(chunks) for layer in self.layers], dim=-1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, d_in] float -> [B, n, dim] (or [B, n, d_out])."""
-        x = check_features(x, self.d_in)
-        feats = chunk_last_features(x, self.chunk_size, self.remainder, self._low_level)
-        return self.head(self.high(self.proj(feats)))
