@@ -109,6 +109,7 @@ class HolographicMemoryMixer(Mixer):
         self.read_norm = RMSNorm(m)
         self.out_gate = nn.Linear(d, m, bias=False)
         self.out_proj = nn.Linear(m, d, bias=False)
+        self.reset_special_parameters()  # a mixer built alone starts as it does inside the shell
 
     def reset_special_parameters(self) -> None:
         """Inits the generic init (normal weights, zero biases) must not override."""
