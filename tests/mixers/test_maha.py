@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hierseq.mixers.attention import KVState
 from hierseq.mixers.maha import MAHAMixerConfig, MAHAState, MultiscaleAttention
+from hierseq.modules.state import LayerState
 from hierseq.ops.simplex import simplex_kkt_residual
 
 D = 32
@@ -151,19 +153,29 @@ def test_cached_decoding_equals_full_forward(attention: str, aggregation: str) -
             assert state.counts == [80, 40, 20]
 
 
-def test_windowed_state_is_bounded_and_state_size_bounds_it() -> None:
-    mixer = make_mixer(seed=10, window=8)
-    D_, S, r = D, 3, 2
+@pytest.mark.parametrize("attention", ["windowed", "full"])
+def test_state_size_bounds_the_state_and_windowed_state_is_bounded(attention: str) -> None:
+    """``state_size`` counts the keys exactly, plus at most r rows of D per scale for the pending finer
+    tokens and the newest coarse output; ``num_floats`` counts only the keys held (not a KV buffer's spare
+    capacity), also after a ``state_dict`` round trip. Windowed: window - 1 keys per scale at most."""
+    mixer = make_mixer(seed=10, window=8, attention=attention)
+    S, r = 3, 2
     with torch.no_grad():
         state = mixer(torch.randn(2, 3, D), use_cache=True)[1]
         for t in range(3, 150):
             mixer(torch.randn(2, 1, D), state)
             floats = state.num_floats() // 2
-            assert all(k.shape[2] <= 7 for k in state.keys)  # window - 1 keys per scale
+            assert mixer.state_size(t + 1) - D * S * r <= floats <= mixer.state_size(t + 1), f"t={t}"
             assert all(p is None or p.shape[1] < r for p in state.pending)
-            # state_size: the keys exactly, plus at most r floats-rows per scale for pending + last output
-            assert mixer.state_size(t + 1) - D_ * S * r <= floats <= mixer.state_size(t + 1), f"t={t}"
-    assert mixer.state_size(150) == mixer.state_size(10_000)  # does not grow with context
+            if attention == "windowed":
+                assert all(k.shape[2] <= 7 for k in state.keys)
+    restored = LayerState.from_state_dict(state.state_dict())
+    assert isinstance(restored, MAHAState) and restored.num_floats() == state.num_floats()
+    if attention == "windowed":
+        assert mixer.state_size(150) == mixer.state_size(10_000)  # does not grow with context
+    else:
+        assert all(isinstance(k, KVState) and k.length == n for k, n in zip(state.keys, (150, 75, 37)))
+        assert mixer.state_size(10_000) > mixer.state_size(150)
 
 
 def test_only_full_attention_refuses_tbptt() -> None:

@@ -105,3 +105,19 @@ def test_from_state_dict_rejects_what_state_dict_does_not_write() -> None:
         DecodingState.from_state_dict({"length": 0, "layers": [{"__layer_state__": "nope", "fields": {}}]})
     with pytest.raises(ValueError, match="n_layers=0"):
         DecodingState(0)
+
+
+@dataclasses.dataclass
+class _Buffered(LayerState):
+    """A state whose buffer has spare capacity: it counts only the ``used`` part (as KVState does)."""
+
+    buffer: torch.Tensor
+    used: int = 0
+
+    def num_floats(self) -> int:
+        return self.buffer[:, : self.used].numel()
+
+
+def test_num_floats_of_a_nested_state_uses_its_own_count() -> None:
+    outer = _Nested(inner=_Buffered(torch.zeros(2, 64), used=5), per_scale=[_Buffered(torch.zeros(2, 8), used=1)])
+    assert outer.num_floats() == 2 * 5 + 2 * 1

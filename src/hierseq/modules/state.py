@@ -50,6 +50,17 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return found
 
 
+def _count_floats(value: Any) -> int:
+    """Floats held in ``value``; a nested layer state counts itself (its own ``num_floats``)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel()
+    if isinstance(value, LayerState):
+        return value.num_floats()
+    if isinstance(value, (list, tuple)):
+        return sum(_count_floats(v) for v in value)
+    return 0
+
+
 def _to_plain(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.detach()
@@ -104,7 +115,7 @@ class LayerState:
         return self.map(torch.Tensor.clone)
 
     def num_floats(self) -> int:
-        return sum(t.numel() for t in _tensors(self))
+        return sum(_count_floats(getattr(self, f.name)) for f in dataclasses.fields(self))
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (tensors detached), tagged with the class so it can be rebuilt."""
