@@ -9,6 +9,7 @@ tests/ops/test_banded_attention.py; the dilated conv in tests/modules/test_causa
 
 from __future__ import annotations
 
+import gc
 import socket
 from pathlib import Path
 
@@ -140,6 +141,7 @@ def test_ddp_steps_without_find_unused_parameters() -> None:
     if not dist.is_available():
         pytest.skip("torch.distributed not available")
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    model = optimizer = None
     try:
         for attention, aggregation in (("windowed", "convex"), ("full", "nash")):
             model = torch.nn.parallel.DistributedDataParallel(
@@ -152,6 +154,10 @@ def test_ddp_steps_without_find_unused_parameters() -> None:
                 optimizer.step()
                 optimizer.zero_grad()
     finally:
+        # The DDP reducer must release the process group before it is destroyed: dropping it afterwards
+        # can deadlock gloo's shutdown against the interpreter lock (seen once on a loaded machine).
+        del model, optimizer
+        gc.collect()
         dist.destroy_process_group()
 
 
