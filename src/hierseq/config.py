@@ -207,3 +207,37 @@ class LMConfig(BaseConfig):
         """The :class:`~hierseq.modules.stack.MixerStack` arguments this config sets."""
         names = ("d_model", "n_layers", "mlp", "mlp_hidden", "norm", "dropout", "init_std")
         return {name: getattr(self, name) for name in names}
+
+
+@dataclasses.dataclass
+class MaskedAEConfig(BaseConfig):
+    """Fields every masked autoencoder shares. input_type: "tokens" (ids [B, L], masked-token
+    cross-entropy) or "continuous" ([B, L, d_input], MSE); d_input: continuous feature size (0 = d_model);
+    loss_on: the reconstruction loss on "masked" positions only or on "all"; mask_seed: seed of the fixed
+    mask used in eval mode."""
+
+    n_heads: int = 4
+    input_type: str = "tokens"
+    d_input: int = 0
+    loss_on: str = "masked"
+    mlp: str = "gelu"
+    norm: str = "layernorm"
+    mask_seed: int = 0
+
+    @property
+    def input_dim(self) -> int:
+        """Feature size of continuous inputs."""
+        return self.d_input or self.d_model
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive_int("n_heads", self.n_heads)
+        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
+        if self.d_model % 2:
+            raise config_error("d_model", self.d_model, "must be even (sinusoidal positions)")
+        check_choice("input_type", self.input_type, ("tokens", "continuous"))
+        check_nonneg_int("d_input", self.d_input)
+        check_choice("loss_on", self.loss_on, ("masked", "all"))
+        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
+        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
+        check_nonneg_int("mask_seed", self.mask_seed)

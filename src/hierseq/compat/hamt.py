@@ -20,6 +20,11 @@ _SEED_BINDINGS = {
 }
 
 
+#: seed field -> model field, and the seed fields the model has no use for (documented below).
+_RENAMED = {"hidden_dim": "d_model", "num_layers": "n_layers", "binding_type": "binding"}
+_SEED_ONLY = ("max_seq_len", "bptt_horizon")
+
+
 @dataclasses.dataclass
 class HAMTConfig:
     """The seed's configuration, by the seed's field names; :meth:`to_model_config` maps it onto
@@ -55,21 +60,8 @@ class HAMTConfig:
         self.to_model_config()  # validates every mapped field with the model's own rules
 
     def to_model_config(self) -> HAMTLMConfig:
-        return HAMTLMConfig(
-            vocab_size=self.vocab_size,
-            d_model=self.hidden_dim,
-            n_layers=self.num_layers,
-            dropout=self.dropout,
-            hcm_dim=self.hcm_dim,
-            num_slots=self.num_slots,
-            binding=_SEED_BINDINGS[self.binding_type],
-            key_type=self.key_type,
-            use_gating=self.use_gating,
-            decay_rate=self.decay_rate,
-            aux_loss_weight=self.aux_loss_weight,
-            conv_kernel=self.conv_kernel,
-            chunk_size=self.chunk_size,
-        )
+        values = {_RENAMED.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in _SEED_ONLY}
+        return HAMTLMConfig(**{**values, "binding": _SEED_BINDINGS[self.binding_type]})
 
 
 class HAMTModel(HAMTLM):

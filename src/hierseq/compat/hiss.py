@@ -75,7 +75,8 @@ class HSSS(nn.Module):
     to ``dim`` (``proj_layer=True``; with False the concatenation must already have width ``dim``), and
     a high-level :class:`LowLevelMamba` of width ``dim`` and ``depth`` layers (its other arguments,
     ``dt_rank`` ... ``pscan``, by keyword) runs over the n chunk features. Output: [B, n, dim], or
-    [B, n, d_out] with a linear head when ``d_out`` is given; n = T // chunk_size (``remainder='drop'``) or ceil(T / chunk_size) (``'partial'``).
+    [B, n, d_out] with a linear head when ``d_out`` is given; n = T // chunk_size (``remainder='drop'``)
+    or ceil(T / chunk_size) (``'partial'``).
 
     The seed README's example (x = torch.randn(1, 10, 8), three LowLevelMamba(dim=8), dim=12) gives
     [1, 1, 12] with the default chunk_size=10 (the paper's C), and [1, 2, 12] with chunk_size=5.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import BaseConfig, check_choice, check_divisible, check_nonneg_int, check_positive_int, config_error
+from ..config import MaskedAEConfig, check_positive_int, config_error
 from ..losses import masked_reconstruction_loss
 from ..modules.encoder import Encoder
 from ..modules.norms import make_norm
@@ -26,46 +26,25 @@ from ..validation import check_features, check_input_ids
 
 
 @dataclass
-class FlatMAEConfig(BaseConfig):
-    vocab_size: int = 256
-    d_model: int = 256
-    n_layers: int = 4  # encoder layers
-    dropout: float = 0.0
-    n_heads: int = 4
+class FlatMAEConfig(MaskedAEConfig):
+    """n_layers: encoder layers; decoder_layers: decoder layers; mask_ratio: fraction of positions hidden
+    from the encoder (rounded, at least 1 when L > 1)."""
+
+    n_layers: int = 4
     decoder_layers: int = 4
-    mask_ratio: float = 0.2  # fraction of positions hidden from the encoder (rounded, at least 1 when L > 1)
-    input_type: str = "tokens"  # "tokens" (ids [B, L], CE) or "continuous" ([B, L, d_input], MSE)
-    d_input: int = 0  # continuous feature size; 0 = d_model
-    loss_on: str = "masked"  # "masked" or "all"
-    mlp: str = "gelu"
-    norm: str = "layernorm"
-    mask_seed: int = 0  # seed of the fixed mask used in eval mode
+    mask_ratio: float = 0.2
 
     @classmethod
     def small_overrides(cls) -> dict[str, Any]:
         return {"d_model": 32, "n_layers": 2, "n_heads": 2, "decoder_layers": 1}
 
-    @property
-    def input_dim(self) -> int:
-        return self.d_input or self.d_model
-
     def validate(self) -> None:
         super().validate()
-        check_positive_int("n_heads", self.n_heads)
-        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
-        if self.d_model % 2:
-            raise config_error("d_model", self.d_model, "must be even (sinusoidal positions)")
         check_positive_int("decoder_layers", self.decoder_layers)
         if isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float)):
             raise config_error("mask_ratio", self.mask_ratio, "must be a number in (0, 1)")
         if not 0.0 < self.mask_ratio < 1.0:
             raise config_error("mask_ratio", self.mask_ratio, "must be a number in (0, 1)")
-        check_choice("input_type", self.input_type, ("tokens", "continuous"))
-        check_nonneg_int("d_input", self.d_input)
-        check_choice("loss_on", self.loss_on, ("masked", "all"))
-        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
-        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
-        check_nonneg_int("mask_seed", self.mask_seed)
 
     def n_masked(self, length: int) -> int:
         """Masked positions in a length-``length`` sequence: round(ratio * L), in [1, L - 1] when L > 1."""

@@ -46,10 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import (
-    BaseConfig,
+    MaskedAEConfig,
     check_choice,
-    check_divisible,
-    check_nonneg_int,
     check_positive_float,
     check_positive_int,
     config_error,
@@ -77,19 +75,13 @@ LIST_FIELDS = ("nodes_per_layer", "partition_lengths", "n_masks")
 
 # ============================================================================================= config
 @dataclass
-class HAMAConfig(BaseConfig):
+class HAMAConfig(MaskedAEConfig):
     """HAMA configuration. The hierarchy is given by *either* the scaling factors (layer i gets
     ``max(1, floor(initial * factor**i))`` nodes / partition length / masked tokens) *or* the three
     explicit per-layer lists, never both; unset scaling fields take :data:`SCALING_DEFAULTS`."""
 
-    vocab_size: int = 256
-    d_model: int = 256
     n_layers: int = 2  # hierarchy layers (seed: num_layers)
-    dropout: float = 0.0
-    n_heads: int = 4
     transformer_layers: int = 2  # encoder and decoder depth of every node autoencoder
-    input_type: str = "tokens"  # "tokens": ids [B, L] and masked-token CE; "continuous": [B, L, d_input] and MSE
-    d_input: int = 0  # continuous feature size; 0 = d_model
     initial_num_nodes: int | None = None
     initial_partition_length: int | None = None
     initial_n_mask: int | None = None
@@ -101,10 +93,6 @@ class HAMAConfig(BaseConfig):
     n_masks: tuple[int, ...] | None = None
     mask_strategy: str = "learned"  # "learned" (scored, Gumbel top-k, straight-through) or "random"
     gumbel_scale: float = 1.0  # scale of the Gumbel noise added to the scores while training (learned)
-    loss_on: str = "masked"  # reconstruction loss on "masked" positions only, or on "all" positions
-    mlp: str = "gelu"
-    norm: str = "layernorm"
-    mask_seed: int = 0  # seed of the fixed random mask used in eval mode (mask_strategy="random")
 
     def __post_init__(self) -> None:
         # JSON / YAML give lists; keep tuples so configs compare equal after a round trip.
@@ -126,29 +114,14 @@ class HAMAConfig(BaseConfig):
             "n_masks": (2, 2),
         }
 
-    @property
-    def input_dim(self) -> int:
-        """Feature size of continuous inputs."""
-        return self.d_input or self.d_model
-
     def validate(self) -> None:
         super().validate()
-        check_positive_int("n_heads", self.n_heads)
-        check_divisible("d_model", self.d_model, "n_heads", self.n_heads)
-        if self.d_model % 2:
-            raise config_error("d_model", self.d_model, "must be even (sinusoidal positions)")
         check_positive_int("transformer_layers", self.transformer_layers)
-        check_choice("input_type", self.input_type, ("tokens", "continuous"))
-        check_nonneg_int("d_input", self.d_input)
         check_choice("mask_strategy", self.mask_strategy, ("learned", "random"))
-        check_choice("loss_on", self.loss_on, ("masked", "all"))
-        check_choice("mlp", self.mlp, ("gelu", "swiglu"))
-        check_choice("norm", self.norm, ("layernorm", "rmsnorm"))
         if isinstance(self.gumbel_scale, bool) or not isinstance(self.gumbel_scale, (int, float)):
             raise config_error("gumbel_scale", self.gumbel_scale, "must be a number >= 0")
         if self.gumbel_scale < 0:
             raise config_error("gumbel_scale", self.gumbel_scale, "must be a number >= 0")
-        check_nonneg_int("mask_seed", self.mask_seed)
         self.layer_plan()  # validates the hierarchy
 
     def layer_plan(self) -> list[tuple[int, int, int]]:

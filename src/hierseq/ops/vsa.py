@@ -42,6 +42,13 @@ def _check_binding(binding: str) -> None:
         raise ValueError(f"binding={binding!r}: must be one of {list(BINDINGS)}")
 
 
+def _check_pair(binding: str, a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> bool:
+    """Validate a bind / unbind call; True for the elementwise binding."""
+    _check_binding(binding)
+    _check_same_last_dim(a, b, a_name, b_name)
+    return binding == "elementwise"
+
+
 def _check_same_last_dim(a: torch.Tensor, b: torch.Tensor, a_name: str, b_name: str) -> None:
     if a.shape[-1] != b.shape[-1]:
         raise ValueError(
@@ -92,9 +99,7 @@ def circular_correlation_reference(q: torch.Tensor, m: torch.Tensor) -> torch.Te
 # --------------------------------------------------------------------------------- bind / unbind
 def bind(key: torch.Tensor, value: torch.Tensor, binding: str = "elementwise") -> torch.Tensor:
     """Bind ``key`` to ``value``. key, value: [..., D] (broadcast) -> bound [..., D]."""
-    _check_binding(binding)
-    _check_same_last_dim(key, value, "key", "value")
-    if binding == "elementwise":
+    if _check_pair(binding, key, value, "key", "value"):
         return key * value
     return circular_convolution(key, value)
 
@@ -104,9 +109,7 @@ def unbind(memory: torch.Tensor, query: torch.Tensor, binding: str = "elementwis
 
     memory, query: [..., D] (broadcast) -> value estimate [..., D]. Linear in ``memory``, so unbinding a
     sum of bound pairs is the sum of the unbound pairs: the addressed value plus crosstalk noise."""
-    _check_binding(binding)
-    _check_same_last_dim(memory, query, "memory", "query")
-    if binding == "elementwise":
+    if _check_pair(binding, memory, query, "memory", "query"):
         return query * memory
     return circular_correlation(query, memory)
 
