@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
+import torch
 import yaml
+
+from .validation import check_features, check_input_ids
 
 C = TypeVar("C", bound="BaseConfig")
 
@@ -228,6 +231,17 @@ class MaskedAEConfig(BaseConfig):
     def input_dim(self) -> int:
         """Feature size of continuous inputs."""
         return self.d_input or self.d_model
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the reconstruction: logits over the vocabulary, or the input features."""
+        return self.vocab_size if self.input_type == "tokens" else self.input_dim
+
+    def check_input(self, x: Any) -> torch.Tensor:
+        """x: token ids [B, L] or features [B, L, input_dim], checked (one clear error, named ``x``)."""
+        if self.input_type == "tokens":
+            return check_input_ids(x, self.vocab_size, name="x")
+        return check_features(x, self.input_dim, name="x")
 
     def validate(self) -> None:
         super().validate()

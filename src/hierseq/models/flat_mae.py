@@ -17,12 +17,11 @@ from torch import nn
 
 from ..config import MaskedAEConfig, check_positive_int, config_error
 from ..losses import masked_reconstruction_loss
-from ..modules.encoder import Encoder
+from ..modules.encoder import Encoder, make_input_embedding
 from ..modules.norms import make_norm
 from ..modules.positional import SinusoidalPositionalEncoding
 from ..outputs import MaskedAEOutput
 from ..registry import register
-from ..validation import check_features, check_input_ids
 
 
 @dataclass
@@ -61,13 +60,8 @@ class FlatMAE(nn.Module):
     def __init__(self, config: FlatMAEConfig) -> None:
         super().__init__()
         self.config = config
-        D = config.d_model
-        if config.input_type == "tokens":
-            self.embed: nn.Module = nn.Embedding(config.vocab_size, D)
-            out_dim = config.vocab_size
-        else:
-            self.embed = nn.Linear(config.input_dim, D)
-            out_dim = config.input_dim
+        D, out_dim = config.d_model, config.output_dim
+        self.embed = make_input_embedding(config.input_type, config.vocab_size, config.input_dim, D)
         self.drop = nn.Dropout(config.dropout)
         self.positional = SinusoidalPositionalEncoding(D)
         self.encoder = Encoder(D, config.n_heads, config.n_layers, config.dropout, config.mlp, config.norm)
@@ -75,11 +69,6 @@ class FlatMAE(nn.Module):
         self.decoder = Encoder(D, config.n_heads, config.decoder_layers, config.dropout, config.mlp, config.norm)
         self.head_norm = make_norm(config.norm, D)
         self.head = nn.Linear(D, out_dim)
-
-    def _check(self, x: Any) -> torch.Tensor:
-        if self.config.input_type == "tokens":
-            return check_input_ids(x, self.config.vocab_size, name="x")
-        return check_features(x, self.config.input_dim, name="x")
 
     def choose_mask(self, batch: int, length: int, device: torch.device) -> torch.Tensor:
         """[B, L] bool, True = masked; exactly ``config.n_masked(L)`` per row. Random per row while
@@ -94,7 +83,7 @@ class FlatMAE(nn.Module):
         return rank < self.config.n_masked(length)
 
     def forward(self, x: torch.Tensor) -> MaskedAEOutput:
-        x = self._check(x)
+        x = self.config.check_input(x)
         B, L = x.shape[:2]
         D = self.config.d_model
         h = self.embed(x) if self.config.input_type == "tokens" else self.embed(x.to(self.head.weight.dtype))

@@ -53,12 +53,12 @@ from ..config import (
     config_error,
 )
 from ..losses import masked_reconstruction_loss
-from ..modules.encoder import Encoder
+from ..modules.encoder import Encoder, make_input_embedding
 from ..modules.norms import make_norm
 from ..modules.positional import SinusoidalPositionalEncoding
 from ..outputs import MaskedAEOutput
 from ..registry import register
-from ..validation import check_features, check_input_ids
+from ..validation import check_features
 
 # Defaults of the scaling-factor route, used for every factor the caller leaves out.
 SCALING_DEFAULTS: dict[str, float] = {
@@ -488,13 +488,8 @@ class HAMA(nn.Module):
         if not isinstance(config, HAMAConfig):
             raise ValueError(f"config={type(config).__name__}: HAMA needs a HAMAConfig")
         self.config = config
-        D = config.d_model
-        if config.input_type == "tokens":
-            self.embed: nn.Module = nn.Embedding(config.vocab_size, D)
-            out_dim = config.vocab_size
-        else:
-            self.embed = nn.Linear(config.input_dim, D)
-            out_dim = config.input_dim
+        D, out_dim = config.d_model, config.output_dim
+        self.embed = make_input_embedding(config.input_type, config.vocab_size, config.input_dim, D)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             HAMABlock(
@@ -540,11 +535,6 @@ class HAMA(nn.Module):
         return out
 
     # ------------------------------------------------------------------------------------ checking
-    def _check(self, x: Any) -> torch.Tensor:
-        if self.config.input_type == "tokens":
-            return check_input_ids(x, self.config.vocab_size, name="x")
-        return check_features(x, self.config.input_dim, name="x")
-
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.config.input_type == "tokens" else self.embed(x.to(self.head.weight.dtype))
         return self.drop(h)
@@ -576,7 +566,7 @@ class HAMA(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L] ids or [B, L, d_input] -> z [B, L_K, d_model] (the kept, encoded tokens)."""
-        z, _, _, _ = self._encode(self._embed(self._check(x)))
+        z, _, _, _ = self._encode(self._embed(self.config.check_input(x)))
         return z
 
     def decode(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
@@ -600,7 +590,7 @@ class HAMA(nn.Module):
 
     # ------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> MaskedAEOutput:
-        x = self._check(x)
+        x = self.config.check_input(x)
         z, lengths, mask, _ = self._encode(self._embed(x))
         reconstruction = self._decode(z, lengths)
         loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)

@@ -10,6 +10,11 @@ from torch import nn
 from .stack import MixerStack
 
 
+def make_input_embedding(input_type: str, vocab_size: int, input_dim: int, d_model: int) -> nn.Module:
+    """A masked autoencoder's input layer: ``nn.Embedding`` for token ids, ``nn.Linear`` for features."""
+    return nn.Embedding(vocab_size, d_model) if input_type == "tokens" else nn.Linear(input_dim, d_model)
+
+
 class BidirectionalAttention(nn.Module):
     """Multi-head attention over the whole sequence, in the mixer signature (no state, no aux).
 
