@@ -264,8 +264,43 @@ class ChunkStream:
             return self.model.stream_flush(self._state, self.steps_seen)
 
 
+class ChunkedRegressor(nn.Module):
+    """What HiSS and its flat control share: the input / target checks, the masked-MSE output, streaming."""
+
+    config: ChunkedRegressionConfig
+
+    def num_predictions(self, length: int) -> int:
+        return num_predictions(length, self.config.chunk_size, self.config.remainder)
+
+    def _checked(
+        self, x: torch.Tensor, targets: torch.Tensor | None, target_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
+        """x checked as [B, T, d_in] float, and n, the number of predictions (targets checked against it)."""
+        x = check_features(x, self.config.d_in)
+        n = self.num_predictions(x.shape[1])
+        if n == 0:
+            raise ValueError(
+                f"x: length T={x.shape[1]} < chunk_size={self.config.chunk_size}: no chunk finishes, so there is "
+                "nothing to predict (remainder='partial' predicts from a shorter chunk)"
+            )
+        check_targets(targets, target_mask, n, x, self.config.d_out)
+        return x, n
+
+    @staticmethod
+    def _output(
+        prediction: torch.Tensor, targets: torch.Tensor | None, target_mask: torch.Tensor | None
+    ) -> SeqRegressionOutput:
+        loss = masked_mse(prediction, targets, target_mask) if targets is not None else None
+        return SeqRegressionOutput(prediction=prediction, loss=loss)
+
+    def stream(self, batch: int) -> ChunkStream:
+        """A streaming session for ``batch`` rows (see :class:`ChunkStream`)."""
+        check_positive_int("batch", batch)
+        return ChunkStream(self, batch)
+
+
 @register("hiss", config=HiSSConfig, kind="seq_regression")
-class HiSS(nn.Module):
+class HiSS(ChunkedRegressor):
     """x: [B, T, D_in] -> SeqRegressionOutput(prediction [B, n, D_out], loss), n = T // C ('drop')."""
 
     def __init__(self, config: HiSSConfig) -> None:
@@ -278,9 +313,6 @@ class HiSS(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.high = make_backbone(config.high_level, config.d_model, config.n_layers, config)
         self.head = nn.Linear(config.d_model, config.d_out)
-
-    def num_predictions(self, length: int) -> int:
-        return num_predictions(length, self.config.chunk_size, self.config.remainder)
 
     def _low_level(self, chunks: torch.Tensor) -> torch.Tensor:
         """chunks: [B * n, C, D_in] -> [B * n, C, d_low]."""
@@ -295,19 +327,10 @@ class HiSS(nn.Module):
         self, x: torch.Tensor, targets: torch.Tensor | None = None, target_mask: torch.Tensor | None = None
     ) -> SeqRegressionOutput:
         """x: [B, T, D_in]; targets: [B, n, D_out]; target_mask: [B, n] (True = target present)."""
-        x = check_features(x, self.config.d_in)
-        n = self.num_predictions(x.shape[1])
-        check_targets(targets, target_mask, n, x, self.config.d_out)
-        prediction = self.head(self.high(self.chunk_features(x)))
-        loss = masked_mse(prediction, targets, target_mask) if targets is not None else None
-        return SeqRegressionOutput(prediction=prediction, loss=loss)
+        x, _ = self._checked(x, targets, target_mask)
+        return self._output(self.head(self.high(self.chunk_features(x))), targets, target_mask)
 
     # ----------------------------------------------------------------------------- streaming
-    def stream(self, batch: int) -> ChunkStream:
-        """A streaming session for ``batch`` rows (see :class:`ChunkStream`)."""
-        check_positive_int("batch", batch)
-        return ChunkStream(self, batch)
-
     def initial_stream_state(self, batch: int) -> dict:
         return {"pending": None, "high": None}
 
@@ -351,7 +374,7 @@ class FlatRegressorConfig(ChunkedRegressionConfig):
 
 
 @register("flat_regressor", config=FlatRegressorConfig, kind="seq_regression")
-class FlatRegressor(nn.Module):
+class FlatRegressor(ChunkedRegressor):
     """x: [B, T, D_in] -> SeqRegressionOutput(prediction [B, n, D_out], loss): the backbone's output at
     steps C-1, 2C-1, ... (and at T-1 for a partial last chunk with remainder='partial')."""
 
@@ -362,9 +385,6 @@ class FlatRegressor(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.backbone = make_backbone(config.backbone, config.d_model, config.n_layers, config)
         self.head = nn.Linear(config.d_model, config.d_out)
-
-    def num_predictions(self, length: int) -> int:
-        return num_predictions(length, self.config.chunk_size, self.config.remainder)
 
     def _readout_steps(self, start: int, length: int, include_partial: bool) -> torch.Tensor:
         """Indices (relative to ``start``) of the steps in [start, start + length) that end a chunk."""
@@ -379,24 +399,13 @@ class FlatRegressor(nn.Module):
         self, x: torch.Tensor, targets: torch.Tensor | None = None, target_mask: torch.Tensor | None = None
     ) -> SeqRegressionOutput:
         """x: [B, T, D_in]; targets: [B, n, D_out]; target_mask: [B, n] (True = target present)."""
-        x = check_features(x, self.config.d_in)
-        length = x.shape[1]
-        n = self.num_predictions(length)
-        if n == 0:
-            raise ValueError(f"x: length T={length} < chunk_size={self.config.chunk_size}: no chunk finishes")
-        check_targets(targets, target_mask, n, x, self.config.d_out)
-        c = self.config.chunk_size
+        x, n = self._checked(x, targets, target_mask)
+        length, c = x.shape[1], self.config.chunk_size
         # Steps after the last chunk end cannot influence any prediction: do not run them.
         used = min(length, n * c)
         h = self.backbone(self.drop(self.in_proj(x[:, :used])))
         steps = self._readout_steps(0, used, include_partial=used % c != 0)
-        prediction = self.head(h[:, steps.to(h.device)])
-        loss = masked_mse(prediction, targets, target_mask) if targets is not None else None
-        return SeqRegressionOutput(prediction=prediction, loss=loss)
-
-    def stream(self, batch: int) -> ChunkStream:
-        check_positive_int("batch", batch)
-        return ChunkStream(self, batch)
+        return self._output(self.head(h[:, steps.to(h.device)]), targets, target_mask)
 
     def initial_stream_state(self, batch: int) -> dict:
         return {"backbone": None, "last": None}
