@@ -97,13 +97,18 @@ class RandomWindowLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind", "random") != "random":
-            raise ValueError(f"loader state kind={state.get('kind')!r}: expected 'random'")
-        for key in ("batch_size", "seq_len"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"loader state {key}={state[key]}: this loader has {key}={getattr(self, key)}")
+        _check_loader_state(self, state, "random")
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
         self.step = int(state["step"])
+
+
+def _check_loader_state(loader: Any, state: dict[str, Any], kind: str) -> None:
+    """A saved loader state must be of this loader's kind and shape (batch_size, seq_len)."""
+    if state.get("kind", kind) != kind:
+        raise ValueError(f"loader state kind={state.get('kind')!r}: expected {kind!r}")
+    for key in ("batch_size", "seq_len"):
+        if key in state and int(state[key]) != getattr(loader, key):
+            raise ValueError(f"loader state {key}={state[key]}: this loader has {key}={getattr(loader, key)}")
 
 
 class StreamLoader:
@@ -162,11 +167,7 @@ class StreamLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("kind", "stream") != "stream":
-            raise ValueError(f"loader state kind={state.get('kind')!r}: expected 'stream'")
-        for key in ("batch_size", "seq_len"):
-            if key in state and int(state[key]) != getattr(self, key):
-                raise ValueError(f"loader state {key}={state[key]}: this loader has {key}={getattr(self, key)}")
+        _check_loader_state(self, state, "stream")
         self.position = int(state["position"])
         self.step = int(state["step"])
 

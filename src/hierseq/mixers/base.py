@@ -63,13 +63,8 @@ class Mixer(nn.Module):
         self.d_model = d_model
         self.cfg = cfg
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        state: LayerState | None = None,
-        use_cache: bool = False,
-        need_aux: bool = False,
-    ) -> tuple[torch.Tensor, LayerState | None, torch.Tensor | None]:
+    def forward(self, x: torch.Tensor, state: Any = None, use_cache: bool = False, need_aux: bool = False) -> tuple:
+        """x: [B, L, D] -> (y [B, L, D], the state after x or None, aux scalar or None); see the module."""
         raise NotImplementedError
 
     def reset_special_parameters(self) -> None:
