@@ -334,3 +334,19 @@ def test_registry_builds_hama_as_masked_autoencoder() -> None:
     metrics = evaluate_masked(model, [x])
     assert 0.0 <= metrics["masked_acc"] <= 1.0 and metrics["mask_fraction"] == pytest.approx(10 / 40)
     assert SignalTask(3).sample(2, 5, torch.Generator().manual_seed(0)).shape == (2, 5, 3)
+
+
+def test_masking_context_switches_every_node_and_restores_it() -> None:
+    model = small(mask_strategy="learned").eval()
+    x = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        learned = model(x).mask
+        with model.masking("random"):
+            assert {b.node.mask_strategy for b in model.blocks} == {"random"}
+            random_mask = model(x).mask
+        assert {b.node.mask_strategy for b in model.blocks} == {"learned"}
+        assert torch.equal(model(x).mask, learned)
+    assert not torch.equal(random_mask, learned)
+    with pytest.raises(ValueError, match="strategy='nope'"):
+        with model.masking("nope"):
+            pass

@@ -37,7 +37,9 @@ show it helps, and sharing is what lets every window go through one batched call
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -563,6 +565,21 @@ class HAMA(nn.Module):
         for block, length in zip(reversed(self.blocks), reversed(lengths[:-1])):
             h = block.decode(h, length)
         return self.head(self.head_norm(h))
+
+    @contextlib.contextmanager
+    def masking(self, strategy: str) -> Iterator[None]:
+        """Within the block every node masks with ``strategy`` ("learned" or "random") instead of the
+        configured one, e.g. to evaluate a learned-mask model on random masks."""
+        check_choice("strategy", strategy, ("learned", "random"))
+        nodes = [block.node for block in self.blocks]
+        saved = [node.mask_strategy for node in nodes]
+        for node in nodes:
+            node.mask_strategy = strategy
+        try:
+            yield
+        finally:
+            for node, kept in zip(nodes, saved):
+                node.mask_strategy = kept
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L] ids or [B, L, d_input] -> z [B, L_K, d_model] (the kept, encoded tokens)."""
