@@ -8,7 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from hierseq.cli import main, parse_overrides
+from hierseq.cli import main
+from hierseq.training.checkpoint import load_trainer_state
+from hierseq.training.metrics import read_metrics
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -24,14 +28,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, needle: str) -> Non
     assert err[0].startswith("hierseq: error:"), err[0]
     assert needle in err[0], err[0]
     assert "Traceback" not in proc.stderr
-
-
-def test_parse_overrides_splits_model_and_train_fields() -> None:
-    train, model = parse_overrides(["lr=3e-4", "model.d_model=64", "model_config.n_heads=2", "data=null"])
-    assert train == {"lr": 3e-4, "data": None}
-    assert model == {"d_model": 64, "n_heads": 2}
-    with pytest.raises(ValueError, match="key=value"):
-        parse_overrides(["lr"])
 
 
 def test_list_and_info(capsys: pytest.CaptureFixture) -> None:
@@ -57,6 +53,20 @@ def test_list_and_info(capsys: pytest.CaptureFixture) -> None:
         (["eval", "/no/such/dir"], "/no/such/dir"),
         (["generate", "/no/such/dir"], "/no/such/dir"),
         (["bench", "speed", "--models", "nosuchmodel"], "nosuchmodel"),
+        (["train", "--set", "lr=[1"], "not a valid YAML value"),
+        (["train", "--set", "model.=3"], "needs a field name"),
+        (["train", "--set", "task=images"], "task='images'"),
+        (["train", "--model", "hama", "--set", "task=regression"], "task='regression': trains seq_regression"),
+        (["train", "--set", "task.n_pairs=2"], "task_options.n_pairs=2: unknown option of the lm task"),
+        (["train", "--set", "task=mqar", "--set", "task.n_pairs=0"], "task_options.n_pairs=0: must be a positive"),
+        (
+            ["train", "--config", str(CONFIGS / "hiss_imu.yaml"), "--set", "task.signal=gps"],
+            "task_options.signal='gps'",
+        ),
+        (["train", "--config", str(CONFIGS / "hiss_imu.yaml"), "--set", "task_options=3"], "task_options=3: must be"),
+        (["train", "--config", str(CONFIGS / "hiss_imu.yaml"), "--set", "loader=stream"], "loader='stream'"),
+        (["train", "--config", str(CONFIGS / "hama_signal.yaml"), "--set", "model.d_input=3"], "d_input=3"),
+        (["info", "transformer", "--set", "task.n_pairs=3"], "model fields only"),
     ],
 )
 def test_bad_input_is_one_line_error(args: list[str], needle: str, tmp_path: Path) -> None:
@@ -98,7 +108,7 @@ def test_train_eval_generate_end_to_end(tmp_path: Path) -> None:
     assert proc.stdout.startswith("the quick") and len(proc.stdout.rstrip("\n")) >= len("the quick")
 
 
-def test_train_dispatches_masked_autoencoders_to_the_masked_trainer(tmp_path: Path) -> None:
+def test_train_runs_masked_autoencoders_and_resumes_them(tmp_path: Path) -> None:
     text = tmp_path / "corpus.txt"
     text.write_text("pack my box with five dozen liquor jugs. " * 300)
     out = tmp_path / "hama_run"
@@ -108,6 +118,8 @@ def test_train_dispatches_masked_autoencoders_to_the_masked_trainer(tmp_path: Pa
         "max_steps=2",
         "eval_batches=1",
         "eval_batch_size=2",
+        "log_every=1",
+        "progress=false",
         "model.d_model=32",
         "model.n_heads=2",
         "model.n_layers=1",
@@ -115,10 +127,29 @@ def test_train_dispatches_masked_autoencoders_to_the_masked_trainer(tmp_path: Pa
         "model.partition_lengths=[16]",
         "model.n_masks=[4]",
     ]
+    args = ["train", "--model", "hama", "--data", str(text), "--out", str(out), *sum((["--set", s] for s in sets), [])]
+    proc = run_cli(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert "masked_acc" in proc.stdout and "masked bytes" in proc.stdout
+    assert (out / "metrics.jsonl").is_file() and load_trainer_state(out / "checkpoint")["step"] == 2
+    proc = run_cli(*args, "--resume", "--set", "max_steps=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout and load_trainer_state(out / "checkpoint")["step"] == 3
+    assert [e["step"] for e in read_metrics(out / "metrics.jsonl") if e["event"] == "train"] == [1, 2, 3]
+
+
+def test_train_runs_the_shipped_hiss_config_with_overrides(tmp_path: Path) -> None:
+    out = tmp_path / "hiss"
+    sets = ["task.n_train=8", "task.n_val=2", "task.n_test=2", "seq_len=30", "batch_size=4", "max_steps=3"]
+    sets += ["eval_every=2", "log_every=1", "progress=false", "model.d_model=8", "model.d_state=4", "lr=3e-3"]
     proc = run_cli(
-        "train", "--model", "hama", "--data", str(text), "--out", str(out), *sum((["--set", s] for s in sets), [])
+        "train", "--config", str(CONFIGS / "hiss_imu.yaml"), "--out", str(out), *sum((["--set", s] for s in sets), [])
     )
     assert proc.returncode == 0, proc.stderr
-    assert "masked_acc" in proc.stdout
-    assert (out / "metrics.jsonl").is_file()
-    assert_one_line_error(run_cli("train", "--model", "hama", "--resume", cwd=tmp_path), "--resume")
+    assert "test mse" in proc.stdout.splitlines()[-1]
+    assert (out / "loss.png").stat().st_size > 1000
+    assert load_trainer_state(out / "checkpoint")["step"] == 3
+    events = read_metrics(out / "metrics.jsonl")
+    assert [e["step"] for e in events if e["event"] == "eval"] == [2, 3] and events[-1]["event"] == "test"
+    saved = (out / "train_config.yaml").read_text()
+    assert "lr: 0.003" in saved and "n_train: 8" in saved and "d_model: 8" in saved

@@ -17,81 +17,19 @@ import yaml
 EXIT_USAGE = 2
 
 
-def parse_overrides(pairs: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``["lr=3e-4", "model.d_model=128"]`` -> (train overrides, model overrides).
-
-    Values are parsed as YAML scalars (numbers, booleans, null, lists); keys prefixed ``model.`` or
-    ``model_config.`` go to the model config."""
-    train: dict[str, Any] = {}
-    model: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: must have the form key=value (e.g. --set lr=3e-4)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ValueError(f"--set {pair!r}: value {raw!r} is not a valid YAML scalar") from None
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-4" (no dot) as a string; researchers mean a number.
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        for prefix in ("model.", "model_config."):
-            if key.startswith(prefix):
-                model[key[len(prefix) :]] = value
-                break
-        else:
-            train[key] = value
-    return train, model
-
-
-def _load_yaml_mapping(path: str) -> dict[str, Any]:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"config={path!r}: no such file")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"config={path!r}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"config={path!r}: top level must be a mapping of TrainConfig fields")
-    return data
-
-
 def build_train_config(args: argparse.Namespace):
-    """The run's config from (YAML file) <- (--model, --data, --out, --resume flags) <- (--set overrides).
+    """The run's :class:`~hierseq.training.TrainConfig` (any model kind) from (YAML file) <- (--model,
+    --data, --out, --resume flags) <- (--set overrides, :mod:`hierseq.training.overrides`)."""
+    from hierseq.training.config import TrainConfig, load_yaml_mapping
+    from hierseq.training.overrides import apply_overrides
 
-    A causal LM gets a :class:`~hierseq.training.trainer.TrainConfig`; a masked autoencoder (hama,
-    flat_mae) a :class:`~hierseq.training.masked.MaskedTrainConfig`: the model's kind decides."""
-    import hierseq
-    from hierseq.training.masked import MaskedTrainConfig
-    from hierseq.training.trainer import TrainConfig
-
-    data: dict[str, Any] = _load_yaml_mapping(args.config) if args.config else {}
-    data.setdefault("model_config", {})
-    if args.model:
-        data["model"] = args.model
-    if args.data:
-        data["data"] = args.data
-    if args.out:
-        data["out_dir"] = args.out
-    train_over, model_over = parse_overrides(args.set or [])
-    data.update(train_over)
-    data["model_config"] = {**(data.get("model_config") or {}), **model_over}
-    kind = hierseq.get_entry(data.get("model", "transformer")).kind
-    if kind == "masked_ae":
-        if args.resume:
-            raise ValueError("--resume: masked-autoencoder runs do not checkpoint yet; rerun without --resume")
-        cfg = MaskedTrainConfig.from_dict(data)
-    else:
-        if args.resume:
-            data["resume"] = True
-        cfg = TrainConfig.from_dict(data)
-        # Validate the model part now, so a bad model field fails before any data is loaded.
-        hierseq.build_config(cfg.model, **cfg.model_config)
+    data: dict[str, Any] = load_yaml_mapping(args.config) if args.config else {}
+    for key, value in (("model", args.model), ("data", args.data), ("out_dir", args.out)):
+        if value:
+            data[key] = value
+    if args.resume:
+        data["resume"] = True
+    cfg = TrainConfig.from_dict(apply_overrides(data, args.set or []))
     if cfg.data is not None and not Path(cfg.data).exists():
         raise FileNotFoundError(f"data={cfg.data!r}: no such file or directory")
     return cfg
@@ -109,9 +47,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     import hierseq
+    from hierseq.training.overrides import parse_overrides
 
-    train_over, model_over = parse_overrides(args.set or [])
-    overrides = {**train_over, **model_over}  # in `info` every key is a model field
+    parsed = parse_overrides(args.set or [])
+    if parsed["task_options"]:
+        raise ValueError(f"--set task.{next(iter(parsed['task_options']))}: `hierseq info` takes model fields only")
+    overrides = {**parsed["train"], **parsed["model_config"]}  # in `info` every key is a model field
     model = hierseq.build_model(args.model, **overrides)
     entry = hierseq.get_entry(args.model)
     print(f"model: {args.model} ({entry.kind}, {type(model).__name__})")
@@ -122,19 +63,16 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from hierseq.training.masked import MaskedTrainConfig, train_masked
-    from hierseq.training.trainer import train
+    from hierseq.training import train
+    from hierseq.training.tasks import task_class
 
     cfg = build_train_config(args)
-    if isinstance(cfg, MaskedTrainConfig):
-        result = train_masked(cfg)
-        metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items() if isinstance(v, float))
-        print(f"done: step {result['steps']}, validation {metrics} -> {cfg.out_dir or '(not saved: no out_dir)'}")
-        return 0
     result = train(cfg)
+    task = task_class(cfg.task)(cfg)
+    tested = f", test {task.describe(result['test'])}" if result["test"] is not None else ""
     print(
-        f"done: step {result['step']}, val loss {result['val_loss']:.4f} nats, "
-        f"val {result['val_bpb']:.4f} bits/byte, {result['tokens_per_s']:.0f} tokens/s -> {result['out_dir']}"
+        f"done: step {result['step']}, val {task.describe(result['val'])}{tested}, "
+        f"{result['tokens_per_s']:.0f} tokens/s -> {result['out_dir']}"
     )
     return 0
 
@@ -152,7 +90,7 @@ def _load_model_dir(path: str):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from hierseq.data.corpora import load_corpus
-    from hierseq.training.trainer import evaluate
+    from hierseq.training import evaluate
 
     if args.data is not None and not Path(args.data).exists():
         raise FileNotFoundError(f"data={args.data!r}: no such file or directory")
@@ -329,7 +267,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train a causal LM or masked autoencoder (YAML config + overrides)")
+    p = sub.add_parser("train", help="train any model on its task (YAML config + overrides)")
     p.add_argument("--config", help="YAML file of TrainConfig fields (see configs/)")
     p.add_argument("--model", help="registered model name (overrides the config)")
     p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
@@ -339,7 +277,8 @@ def make_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override a TrainConfig field (lr=3e-4) or a model field (model.d_model=128)",
+        help="override a TrainConfig field (lr=3e-4), a model field (model.d_model=128) or a task option "
+        "(task.n_pairs=8)",
     )
     p.set_defaults(func=cmd_train)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hierseq.bench.recall import run_recall_bench
+import hierseq
+from hierseq.bench.recall import run_recall_bench, train_mqar
+from hierseq.training.metrics import read_metrics
 
 
 def test_recall_bench_writes_table_and_sweeps_every_lr(tmp_path: Path) -> None:
@@ -36,6 +38,24 @@ def test_recall_bench_writes_table_and_sweeps_every_lr(tmp_path: Path) -> None:
         assert 0.0 <= row["accuracy"] <= 1.0
     table = (tmp_path / "recall.md").read_text()
     assert "| hamt:hcm_dim=32 | 32 |" in table and "steps run" in table
+    # Every run went through the one training loop: its folder holds the loop's files.
+    run = tmp_path / "runs" / "hamt_hcm_dim-32-w32-lr0.001-seed0"
+    assert {"metrics.jsonl", "loss.png", "final", "checkpoint", "train_config.yaml"} <= {p.name for p in run.iterdir()}
+    row = next(r for r in saved["rows"] if r["model"] == "hamt:hcm_dim=32" and r["lr"] == 1e-3)
+    events = read_metrics(run / "metrics.jsonl")
+    assert row["history"] == [[e["step"], e["val_accuracy"]] for e in events if e["event"] == "eval"]
+    assert row["final_train_loss"] == events[2]["lm_loss"]  # 3 steps: the last tenth is the last step
+    assert row["state_floats_per_layer"] == hierseq.load(run / "final").state_floats(16) // 2
+
+
+def test_train_mqar_stops_early_and_uses_the_shared_evaluation_set() -> None:
+    kwargs = dict(seq_len=16, n_pairs=2, vocab_size=32, steps=12, batch_size=8, eval_every=2, eval_examples=64)
+    free = train_mqar("linear_attn", 32, 1e-2, 0, **kwargs)
+    assert free["steps_run"] == 12 and len(free["history"]) == 6
+    step, accuracy = next((s, a) for s, a in free["history"] if a > 0)
+    stopped = train_mqar("linear_attn", 32, 1e-2, 0, stop_at=accuracy, **kwargs)
+    assert stopped["steps_run"] == step and stopped["accuracy"] == accuracy
+    assert stopped["history"] == [h for h in free["history"] if h[0] <= step]
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,8 @@ from .checks import (
     assert_cached_decoding_matches,
     assert_causal_by_gradient,
     assert_causal_by_perturbation,
-    assert_detach_keeps_values_and_cuts_graph,
-    assert_state_round_trips,
-    prefill_then_steps,
     assert_clear_input_errors,
+    assert_detach_keeps_values_and_cuts_graph,
     assert_deterministic,
     assert_forward_shapes,
     assert_gradients_reach_all_parameters,
@@ -28,7 +26,9 @@ from .checks import (
     assert_iid_floor,
     assert_loss_consistent,
     assert_save_load_roundtrip,
+    assert_state_round_trips,
     build_small,
+    prefill_then_steps,
 )
 
 V = SMALL_VOCAB
@@ -75,7 +75,9 @@ def test_prefill_then_continue_in_steps_of_1_3_17(causal_lm_name: str) -> None:
     model = build_small(causal_lm_name, vocab_size=V)
     assert_cached_decoding_matches(model, V, segments=prefill_then_steps(19, (1, 3, 17), 90))
     # The same with the cache passed on without use_cache: a given cache is advanced all the same.
-    assert_cached_decoding_matches(model, V, segments=prefill_then_steps(7, (17, 3, 1), 60), continue_with_use_cache=False)
+    assert_cached_decoding_matches(
+        model, V, segments=prefill_then_steps(7, (17, 3, 1), 60), continue_with_use_cache=False
+    )
 
 
 def test_detach_keeps_values_and_cuts_the_graph(causal_lm_name: str) -> None:

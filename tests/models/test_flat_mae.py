@@ -80,23 +80,32 @@ def test_loss_on_all_positions() -> None:
     torch.testing.assert_close(out.loss, (out.reconstruction - x).pow(2).mean())
 
 
-def test_learns_to_reconstruct_a_signal() -> None:
-    from hierseq.training.masked import train_masked
+def test_learns_to_reconstruct_a_signal(tmp_path) -> None:
+    from hierseq.training import TrainConfig, train
 
-    result = train_masked(
-        model="flat_mae",
-        model_config=FlatMAEConfig.small_overrides(),
-        task="signal",
-        signal_channels=2,
-        seq_len=32,
-        batch_size=8,
-        max_steps=150,
-        lr=5e-3,
-        warmup_steps=10,
-        eval_batches=2,
+    result = train(
+        TrainConfig(
+            model="flat_mae",
+            model_config=FlatMAEConfig.small_overrides(),
+            task="masked_signal",
+            task_options={"channels": 2},
+            seq_len=32,
+            batch_size=8,
+            max_steps=150,
+            lr=5e-3,
+            warmup_steps=10,
+            weight_decay=0.01,
+            eval_every=0,
+            eval_batches=2,
+            eval_batch_size=16,
+            log_every=50,
+            save_every=0,
+            out_dir=str(tmp_path),
+            progress=False,
+        ),
         log=None,
     )
-    final = result["final"]
+    final = result["val"]
     assert final["masked_mse"] < 0.5 * final["mean_baseline_mse"], final
 
 

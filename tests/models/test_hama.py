@@ -19,7 +19,9 @@ from hierseq.models.hama import (
     WindowGeometry,
 )
 from hierseq.modules.positional import SinusoidalPositionalEncoding
-from hierseq.training.masked import SignalTask, evaluate_masked, train_masked
+from hierseq.training import TrainConfig, train
+from hierseq.training.metrics import read_metrics
+from hierseq.training.tasks.masked import SinusoidSignals, evaluate_masked
 
 README_ARCH = dict(embedding_dim=256, num_heads=8, dropout=0.1, num_layers=3, transformer_layers=2)
 README_SCALING = dict(
@@ -304,27 +306,36 @@ def test_dropout_is_used() -> None:
     assert torch.equal(a.mask, b.mask) and not torch.allclose(a.reconstruction, b.reconstruction)
 
 
-def test_trained_small_hama_reconstructs_far_better_than_the_mean() -> None:
+def test_trained_small_hama_reconstructs_far_better_than_the_mean(tmp_path) -> None:
     """Seed defect 1 end to end: a trained small HAMA reconstructs a non-constant signal (masked-position
     MSE far below predicting each sequence's mean), through the masked training path."""
-    result = train_masked(
-        model="hama",
-        model_config={**HAMAConfig.small_overrides(), "loss_on": "all"},
-        task="signal",
-        signal_channels=2,
-        seq_len=32,
-        batch_size=8,
-        max_steps=250,
-        lr=5e-3,
-        warmup_steps=20,
-        eval_batches=2,
+    result = train(
+        TrainConfig(
+            model="hama",
+            model_config={**HAMAConfig.small_overrides(), "loss_on": "all"},
+            task="masked_signal",
+            task_options={"channels": 2},
+            seq_len=32,
+            batch_size=8,
+            max_steps=250,
+            lr=5e-3,
+            warmup_steps=20,
+            weight_decay=0.01,
+            eval_every=0,
+            eval_batches=2,
+            eval_batch_size=16,
+            log_every=50,
+            save_every=0,
+            out_dir=str(tmp_path),
+            progress=False,
+        ),
         log=None,
     )
-    final = result["final"]
+    final = result["val"]
     assert final["mean_baseline_mse"] > 0.5, "the task signal is not far from constant"
     assert final["masked_mse"] < 0.5 * final["mean_baseline_mse"], final
     assert final["all_mse"] < 0.4 * final["mean_baseline_mse"], final
-    assert result["history"][0]["train_loss"] > final["all_mse"]
+    assert read_metrics(tmp_path / "metrics.jsonl")[0]["loss"] > final["all_mse"]
 
 
 def test_registry_builds_hama_as_masked_autoencoder() -> None:
@@ -333,7 +344,7 @@ def test_registry_builds_hama_as_masked_autoencoder() -> None:
     x = torch.randint(0, 256, (2, 40))
     metrics = evaluate_masked(model, [x])
     assert 0.0 <= metrics["masked_acc"] <= 1.0 and metrics["mask_fraction"] == pytest.approx(10 / 40)
-    assert SignalTask(3).sample(2, 5, torch.Generator().manual_seed(0)).shape == (2, 5, 3)
+    assert SinusoidSignals(3).sample(2, 5, torch.Generator().manual_seed(0)).shape == (2, 5, 3)
 
 
 def test_masking_context_switches_every_node_and_restores_it() -> None:

@@ -155,18 +155,15 @@ def test_retention_loss_reported_apart_and_penalises_forgetting() -> None:
 def test_small_hamt_learns_associative_recall() -> None:
     # Seed defect 1: the seed's memory could not be queried by content and stayed at chance on MQAR.
     from hierseq.bench.recall import train_mqar
-    from hierseq.data.synthetic import mqar_batch
 
-    gen = torch.Generator().manual_seed(99)
-    eval_set = [mqar_batch(200, 16, 2, 32, gen)]
     row = train_mqar(
-        "hamt:hcm_dim=64+num_slots=2+chunk_size=16", width=32, lr=1e-2, seed=0, eval_set=eval_set,
+        "hamt:hcm_dim=64+num_slots=2+chunk_size=16", width=32, lr=1e-2, seed=0, eval_examples=200, eval_seed=99,
         seq_len=16, n_pairs=2, vocab_size=32, steps=150, batch_size=32, eval_every=150,
     )  # fmt: skip
     chance = 1 / 16  # values are drawn from 16 tokens
-    # 0.46 measured (seed 0, torch 2.13 CPU). 150 steps is a short run and the accuracy varies by seed:
-    # seeds 0-5 give 0.46 / 0.26 / 0.31 / 0.28 / 0.22 / 0.33, every one >= 3.4x chance, where the seed's
-    # own memory stayed at chance.
+    # 0.3625 measured (seed 0, torch 2.13 CPU). 150 steps is a short run and the accuracy varies by seed:
+    # seeds 0-5 give 0.3625 / 0.13 / 0.3925 / 0.42 / 0.2275 / 0.175, every one >= 2x chance, where the
+    # seed's own memory stayed at chance.
     assert row["accuracy"] > 4 * chance, row
     assert row["state_floats_per_layer"] == 2 * 64 + 3 * 64 * 3
 

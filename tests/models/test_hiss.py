@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.mixers.mamba import Mamba, MambaState
 from hierseq.compat.hiss import HSSS, LowLevelMamba
+from hierseq.mixers.mamba import Mamba, MambaState
 from hierseq.models.hiss import HiSSConfig
 from hierseq.modules.state import DecodingState
 

@@ -11,7 +11,7 @@ import hierseq
 from hierseq.training import checkpoint as ckpt
 from hierseq.training import train
 from hierseq.training.checkpoint import decode_state, encode_state, find_checkpoint, load_trainer_state
-from hierseq.training.trainer import _Trainer
+from hierseq.training.tasks.lm import LMTask
 
 
 def _train_losses(out_dir) -> dict[int, float]:
@@ -77,7 +77,7 @@ def test_tbptt_resume_restores_the_carried_state_exactly(tmp_path, name, capsys)
     )
     train(tiny_config(tmp_path / "full", **common))
     train(tiny_config(tmp_path / "split", **{**common, "max_steps": 3}))
-    saved = load_trainer_state(tmp_path / "split" / "checkpoint")["tbptt_caches"]
+    saved = load_trainer_state(tmp_path / "split" / "checkpoint")["task"]["tbptt_caches"]
     assert len(saved) == 2 and all(s is not None and s["length"] == 3 * 32 for s in saved)
     capsys.readouterr()
     train(tiny_config(tmp_path / "split", **{**common, "resume": True}))
@@ -89,13 +89,13 @@ def test_tbptt_resume_restores_the_carried_state_exactly(tmp_path, name, capsys)
 
 def test_tbptt_resume_without_a_saved_state_says_it_restarts_empty(tmp_path, capsys, tiny_rnn, monkeypatch):
     # A checkpoint written without the carried state (as under DDP): the resumed run says it restarts empty.
-    monkeypatch.setattr(_Trainer, "_cache_states", lambda self: None)
+    monkeypatch.setattr(LMTask, "_carried_states", lambda self: None)
     data = tmp_path / "text.txt"
     data.write_bytes(bytes(range(200)) * 2)
     common = dict(model=tiny_rnn, model_config={}, data=str(data), seq_len=16, batch_size=2, loader="stream")
     common.update(tbptt=True, schedule_steps=4)
     train(tiny_config(tmp_path / "run", **{**common, "max_steps": 2}))
-    assert load_trainer_state(tmp_path / "run" / "checkpoint")["tbptt_caches"] is None
+    assert load_trainer_state(tmp_path / "run" / "checkpoint")["task"]["tbptt_caches"] is None
     capsys.readouterr()
     train(tiny_config(tmp_path / "run", **{**common, "max_steps": 4, "resume": True}))
     assert "carried recurrent state restarts empty (the checkpoint holds none)" in capsys.readouterr().out

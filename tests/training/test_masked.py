@@ -1,8 +1,7 @@
-"""The masked-autoencoder training path: config validation, data, metrics and a short run on bytes."""
+"""The masked-autoencoder tasks: options, data, metrics and short runs through the one loop."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +10,9 @@ import torch
 
 import hierseq
 from hierseq.models.hama import HAMAConfig
-from hierseq.training.masked import MaskedTrainConfig, SignalTask, evaluate_masked, train_masked
+from hierseq.training import TrainConfig, train
+from hierseq.training.metrics import read_metrics
+from hierseq.training.tasks.masked import MaskedBytesTask, MaskedSignalTask, SinusoidSignals, evaluate_masked
 
 
 @pytest.fixture(autouse=True)
@@ -25,44 +26,55 @@ def _one_thread() -> Iterator[None]:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"model": "transformer"}, "model='transformer': is a causal_lm model"),
-        ({"task": "images"}, "task='images'"),
-        ({"seq_len": 0}, "seq_len=0: must be a positive integer"),
-        ({"lr": 0.0}, "lr=0.0"),
-        ({"model_config": {"d_modle": 3}}, "d_modle=3: unknown config field"),
-        ({"model_config": {"n_masks": [1, 2]}}, "explicit configuration needs all"),
+        ({"task": "masked_bytes"}, "task='masked_bytes': trains masked_ae models; transformer is a causal_lm"),
+        ({"model": "hama", "task": "images"}, "task='images'"),
+        ({"model": "hama", "seq_len": 0}, "seq_len=0: must be a positive integer"),
+        ({"model": "hama", "lr": 0.0}, "lr=0.0"),
+        ({"model": "hama", "model_config": {"d_modle": 3}}, "d_modle=3: unknown config field"),
+        ({"model": "hama", "model_config": {"n_masks": [1, 2]}}, "explicit configuration needs all"),
+        ({"model": "hama", "task": "masked_signal", "task_options": {"channels": 0}}, "task_options.channels=0"),
     ],
 )
 def test_config_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        MaskedTrainConfig(**kwargs)
+        TrainConfig(**kwargs)
 
 
 def test_config_yaml_and_signal_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("model: flat_mae\ntask: signal\nlr: 1e-3\nsignal_channels: 5\n")
-    cfg = MaskedTrainConfig.from_yaml(path)
+    path.write_text("model: flat_mae\ntask: masked_signal\nlr: 1e-3\ntask_options:\n  channels: 5\n")
+    cfg = TrainConfig.from_yaml(path)
     assert cfg.lr == 1e-3 and cfg.model_overrides() == {"input_type": "continuous", "d_input": 5}
-    with pytest.raises(ValueError, match="stepz=3: unknown field"):
-        MaskedTrainConfig.from_dict({"stepz": 3})
+    with pytest.raises(ValueError, match="stepz=3: unknown TrainConfig field"):
+        TrainConfig.from_dict({"model": "flat_mae", "stepz": 3})
 
 
-def test_every_yaml_config_in_configs_is_valid() -> None:
+def test_every_masked_yaml_config_in_configs_is_valid() -> None:
     root = Path(__file__).resolve().parents[2] / "configs"
     paths = sorted(root.glob("hama*.yaml")) + sorted(root.glob("flat_mae*.yaml"))
-    assert paths, "no HAMA / flat MAE configs found"
+    assert len(paths) == 4, paths
     for path in paths:
-        cfg = MaskedTrainConfig.from_yaml(path)
+        cfg = TrainConfig.from_yaml(path)
+        assert cfg.task in ("masked_bytes", "masked_signal"), path
         hierseq.build_config(cfg.model, **cfg.model_overrides())
 
 
 def test_signal_task_is_seeded_and_unit_scale() -> None:
-    task = SignalTask(4)
-    a = task.sample(64, 256, torch.Generator().manual_seed(0))
-    b = task.sample(64, 256, torch.Generator().manual_seed(0))
+    signals = SinusoidSignals(4)
+    a = signals.sample(64, 256, torch.Generator().manual_seed(0))
+    b = signals.sample(64, 256, torch.Generator().manual_seed(0))
     assert torch.equal(a, b) and a.shape == (64, 256, 4)
     assert 0.8 < float(a.var()) < 1.2
     assert float((a[:, 1:] - a[:, :-1]).pow(2).mean()) < 0.5 * float(a.var()), "signals must be smooth"
+
+
+def test_signal_validation_data_never_come_from_a_training_seed() -> None:
+    cfg = TrainConfig(model="flat_mae", task="masked_signal", seq_len=16, batch_size=2, eval_batches=1, seed=3)
+    task = MaskedSignalTask(cfg)
+    task.setup(0, 1, torch.device("cpu"))
+    expected = SinusoidSignals(8).sample(2, 16, torch.Generator().manual_seed(10_003))
+    assert torch.equal(task.eval_inputs[0], expected)
+    assert not torch.equal(task.next_batch()[0], expected)
 
 
 def test_evaluate_masked_metrics_match_a_hand_computation() -> None:
@@ -84,7 +96,7 @@ def test_evaluate_masked_metrics_match_a_hand_computation() -> None:
 def test_short_byte_run_on_a_local_file_improves_and_saves(tmp_path: Path) -> None:
     text = tmp_path / "t.txt"
     text.write_text("the cat sat on the mat. " * 400)
-    result = train_masked(
+    cfg = TrainConfig(
         model="hama",
         model_config=HAMAConfig.small_overrides(),
         data=str(text),
@@ -94,16 +106,20 @@ def test_short_byte_run_on_a_local_file_improves_and_saves(tmp_path: Path) -> No
         lr=3e-3,
         warmup_steps=5,
         log_every=20,
+        eval_every=0,
         eval_batches=2,
         eval_batch_size=4,
         out_dir=str(tmp_path / "run"),
-        log=None,
+        progress=False,
     )
-    final = result["final"]
-    assert result["steps"] == 40 and 0.0 <= final["masked_acc"] <= 1.0
-    losses = [h["train_loss"] for h in result["history"] if "train_loss" in h]
+    result = train(cfg, log=None)
+    final = result["val"]
+    assert result["step"] == 40 and 0.0 <= final["masked_acc"] <= 1.0
+    losses = [e["loss"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl") if e["loss"] is not None]
     assert losses[-1] < losses[0] - 1.0, losses  # from ~ln 256 toward the small alphabet of the text
-    saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["final"] == pytest.approx(final)
-    loaded = hierseq.load(tmp_path / "run" / "model")
-    assert loaded.config == result["model"].config
+    loaded = hierseq.load(tmp_path / "run" / "final")
+    assert loaded.config == hierseq.build_config("hama", **HAMAConfig.small_overrides())
+    # The saved model scores exactly what the run reported, on the task's validation windows.
+    task = MaskedBytesTask(cfg)
+    task.setup(0, 1, torch.device("cpu"))
+    assert evaluate_masked(loaded, task.eval_inputs) == final

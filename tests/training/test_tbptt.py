@@ -15,7 +15,18 @@ from hierseq.cli import main
 from hierseq.training.checkpoint import load_trainer_state
 
 TINY = ["--set", "loader=stream", "--set", "tbptt=true", "--set", "seq_len=32", "--set", "batch_size=2"]
-TINY += ["--set", "eval_every=0", "--set", "progress=false", "--set", "warmup_steps=1", "--set", "save_every=2", "--set", "log_every=1"]
+TINY += [
+    "--set",
+    "eval_every=0",
+    "--set",
+    "progress=false",
+    "--set",
+    "warmup_steps=1",
+    "--set",
+    "save_every=2",
+    "--set",
+    "log_every=1",
+]
 
 
 def _model_sets(name: str, **extra: object) -> list[str]:
@@ -31,7 +42,7 @@ def test_train_with_tbptt_runs_for_every_causal_lm(name, tmp_path):
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = {e["step"]: e["loss"] for e in events if e.get("loss") is not None}
     assert sorted(losses) == [1, 2, 3, 4] and all(math.isfinite(v) for v in losses.values())
-    carried = load_trainer_state(out / "checkpoint")["tbptt_caches"]
+    carried = load_trainer_state(out / "checkpoint")["task"]["tbptt_caches"]
     assert carried and all(c is not None and c["length"] == 4 * 32 for c in carried)
 
 
@@ -39,7 +50,7 @@ def test_attention_carries_a_bounded_rebased_window(tmp_path):
     out = tmp_path / "run"
     sets = _model_sets("transformer", tbptt_memory=40)
     assert main(["train", "--model", "transformer", "--out", str(out), "--set", "max_steps=4", *TINY, *sets]) == 0
-    (state,) = load_trainer_state(out / "checkpoint")["tbptt_caches"]
+    (state,) = load_trainer_state(out / "checkpoint")["task"]["tbptt_caches"]
     assert state["length"] == 4 * 32  # tokens seen by the model
     for layer in state["layers"]:
         fields = layer["fields"]
@@ -49,7 +60,10 @@ def test_attention_carries_a_bounded_rebased_window(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "setting", "needle"),
-    [("tree", "model.sibling_mode=exact", "sibling_mode='exact'"), ("maha", "model.attention=full", "attention='full'")],
+    [
+        ("tree", "model.sibling_mode=exact", "sibling_mode='exact'"),
+        ("maha", "model.attention=full", "attention='full'"),
+    ],
 )
 def test_unbounded_states_are_refused_before_step_one_in_one_line(name, setting, needle, tmp_path):
     args = ["train", "--model", name, "--out", str(tmp_path / "run"), *TINY, "--set", setting, *_model_sets(name)]

@@ -2,6 +2,7 @@
 
 import pytest
 
+import hierseq
 from hierseq.training import TrainConfig
 
 
@@ -65,3 +66,85 @@ def test_yaml_round_trip_and_number_coercion(tmp_path):
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(FileNotFoundError, match="no such file"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+# ------------------------------------------------------------------------------------------- tasks
+@pytest.mark.parametrize(
+    "model, task",
+    [("transformer", "lm"), ("hama", "masked_bytes"), ("flat_mae", "masked_bytes"), ("hiss", "regression")],
+)
+def test_every_kind_gets_its_default_task(model, task):
+    cfg = TrainConfig(model=model)
+    assert cfg.task == task
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task": "images"}, r"^task='images': must be one of \['lm', 'masked_bytes'"),
+        ({"model": "hama", "task": "lm"}, r"^task='lm': trains causal_lm models; hama is a masked_ae"),
+        ({"model": "hiss", "task": "mqar"}, r"^task='mqar': trains causal_lm models; hiss is a seq_regression"),
+        ({"task": "mqar", "task_options": [1]}, r"^task_options=\[1\]: must be a mapping of options of the mqar task"),
+        ({"task_options": {"n_pairs": 2}}, r"^task_options.n_pairs=2: unknown option of the lm task; known: \[\]"),
+        ({"task": "mqar", "task_options": {"n_pairs": 0}}, r"^task_options.n_pairs=0: must be a positive integer"),
+        ({"task": "mqar", "task_options": {"nope": 1}}, r"^task_options.nope=1: unknown option of the mqar task"),
+        ({"task": "mqar", "task_options": {"stop_at": 1.5}}, r"^task_options.stop_at=1.5: must be a number in \(0.0"),
+        ({"task": "mqar", "task_options": {"filler": "x"}}, r"^task_options.filler='x': must be one of \['zeros'"),
+        ({"task": "mqar", "seq_len": 8}, r"^seq_len=8: too short for n_pairs=4"),
+        ({"task": "mqar", "model_config": {"vocab_size": 8}}, r"^n_pairs=4: needs vocab_size // 2 - 1 >= n_pairs"),
+        ({"model": "hiss", "loader": "stream"}, r"^loader='stream': is an lm task field; the regression task"),
+        ({"model": "hama", "tbptt": True, "loader": "stream"}, r"^loader='stream': is an lm task field"),
+        ({"model": "hiss", "data": "x.txt"}, r"^data='x.txt': the regression task reads no text corpus"),
+        (
+            {"model": "hiss", "seq_len": 5},
+            r"^seq_len=5: the regression task needs seq_len >= task_options.chunk_size=10",
+        ),
+        ({"model": "hiss", "batch_size": 2048}, r"^batch_size=2048: must be <= task_options.n_train=1024"),
+        ({"model": "hiss", "task_options": {"signal": "x"}}, r"^task_options.signal='x': must be one of \['hidden_dyn"),
+        ({"model": "hiss", "model_config": {"d_in": 3}}, r"^d_in=3: the regression task imu_integration .* d_in=6"),
+        ({"model": "hama", "task": "masked_signal", "model_config": {"d_input": 3}}, r"^d_input=3: .*channels=8"),
+        ({"model": "hama", "model_config": {"input_type": "continuous"}}, r"^input_type='continuous': .*'tokens'"),
+        ({"model": "flat_mae", "model_config": {"vocab_size": 100}}, r"^vocab_size=100: the masked_bytes task needs"),
+        ({"keep_best": "yes"}, r"^keep_best='yes': must be true or false"),
+        ({"eval_batch_size": -1}, r"^eval_batch_size=-1: must be an integer >= 0"),
+    ],
+)
+def test_task_and_option_errors_are_one_line_and_name_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message) as info:
+        TrainConfig(**kwargs)
+    assert "\n" not in str(info.value)
+
+
+def test_tasks_imply_their_model_fields_and_coerce_yaml_numbers(tmp_path):
+    cfg = TrainConfig(model="hama", task="masked_signal", task_options={"channels": 3, "noise": "1e-2"})
+    assert cfg.task_opts == {"channels": 3, "components": 3, "noise": 0.01}
+    assert cfg.model_overrides() == {"input_type": "continuous", "d_input": 3}
+    assert cfg.task_options == {"channels": 3, "noise": "1e-2"}  # as written; task_opts is the checked form
+    hiss = TrainConfig(model="hiss", task_options={"signal": "hidden_dynamics", "first_differences": False})
+    assert hiss.model_overrides() == {"d_in": 3, "d_out": 2, "chunk_size": 10}
+    assert hierseq.build_config("hiss", **hiss.model_overrides()).d_out == 2
+    path = tmp_path / "cfg.yaml"
+    path.write_text("model: transformer\ntask: mqar\ntask_options: {n_pairs: 2, stop_at: 1}\nseq_len: 32\n")
+    mqar = TrainConfig.from_yaml(path)
+    assert mqar.task_opts["stop_at"] == 1.0 and mqar.task_opts["n_pairs"] == 2
+    assert TrainConfig.from_dict({**mqar.to_dict(), "task_options": None}).task_opts["n_pairs"] == 4
+    assert mqar.replace(task="lm", task_options={}).task == "lm"
+
+
+def test_every_shipped_config_is_one_train_config():
+    from pathlib import Path
+
+    paths = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+    tasks = {}
+    for path in paths:
+        cfg = TrainConfig.from_yaml(path)
+        hierseq.build_config(cfg.model, **cfg.model_overrides())
+        tasks[path.name] = cfg.task
+    assert {tasks["hiss_imu.yaml"], tasks["hama.yaml"], tasks["hama_signal.yaml"], tasks["tree.yaml"]} == {
+        "regression",
+        "masked_bytes",
+        "masked_signal",
+        "lm",
+    }
+    assert len(tasks) == 15

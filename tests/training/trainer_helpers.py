@@ -42,6 +42,43 @@ def tiny_config(out_dir, **overrides) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def _small(name: str, **extra) -> dict:
+    return {**hierseq.get_entry(name).config_cls.small_overrides(), **extra}
+
+
+#: task -> tiny_config overrides of a seconds-long run of that task, for every model kind. Every one has
+#: randomness besides its batches (dropout, or a masked AE's random masks) so the RNG must resume too.
+TASK_RUNS: dict[str, dict] = {
+    "lm": dict(model_config=_small("transformer", dropout=0.1)),
+    "mqar": dict(
+        task="mqar",
+        model_config=_small("transformer", dropout=0.1, vocab_size=32),
+        seq_len=16,
+        task_options={"n_pairs": 2},
+        eval_batch_size=8,
+        eval_batches=1,
+    ),
+    "masked_bytes": dict(model="flat_mae", task="masked_bytes", model_config=_small("flat_mae"), eval_batch_size=4),
+    "masked_signal": dict(
+        model="hama", task="masked_signal", model_config=_small("hama"), task_options={"channels": 2}, eval_batch_size=4
+    ),
+    "regression": dict(
+        model="hiss",
+        task="regression",
+        model_config={"d_model": 16, "n_layers": 1, "d_state": 4, "dropout": 0.1},
+        task_options={"n_train": 8, "n_val": 4, "n_test": 4, "chunk_size": 4},
+        seq_len=16,
+        batch_size=2,
+        keep_best=True,
+    ),
+}
+
+
+def task_config(task: str, out_dir, **overrides) -> TrainConfig:
+    """A seconds-long run of ``task`` (see :data:`TASK_RUNS`)."""
+    return tiny_config(out_dir, **{**TASK_RUNS[task], **overrides})
+
+
 # ----------------------------------------------------------------------------------- test-only models
 @dataclass
 class TinyRNNConfig(BaseConfig):

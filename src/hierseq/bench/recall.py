@@ -1,9 +1,10 @@
 """Associative-recall benchmark: train small causal LMs on MQAR and report query accuracy.
 
-For every model spec x width x learning rate x seed: build the model through the registry
-(``d_model=width``, ``n_layers``, ``vocab_size``, plus the spec's overrides), train it for ``steps``
-AdamW steps on fresh MQAR batches (linear warm-up, cosine decay, clipping at 1.0), and measure argmax
-accuracy at the query positions of one fixed evaluation set shared by all runs. The table reports, per
+For every model spec x width x learning rate x seed: size the model (``d_model=width``, ``n_layers``,
+``vocab_size``, plus the spec's overrides) and train it with the one training loop
+(:func:`hierseq.training.train`, task ``mqar``) for ``steps`` AdamW steps on fresh MQAR batches (linear
+warm-up, cosine decay to 0, clipping at 1.0, no weight decay on norms, biases and embeddings), measuring
+argmax accuracy at the query positions of one fixed evaluation set shared by all runs. The table reports, per
 model and width, the best learning rate's accuracy (mean over seeds), as in Zoology, next to the
 recurrent state size per layer (floats per sequence; for attention the KV cache at ``seq_len``).
 
@@ -11,7 +12,8 @@ Model specs are registry names with optional overrides: ``hamt``, ``hamt:binding
 ``linear_attn:n_heads=1,key_dim=64`` (values parsed as YAML scalars).
 
 Python: ``run_recall_bench(out_dir, models, widths, seq_len, n_pairs, vocab_size, lrs, steps, seeds)``;
-writes ``recall.json`` and ``recall.md`` under ``out_dir`` and prints the table.
+writes ``recall.json`` and ``recall.md`` under ``out_dir`` (and every run's folder under ``out_dir/runs/``)
+and prints the table.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import math
 import platform
 import statistics
-import time
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,22 +30,21 @@ from typing import Any
 import torch
 
 from ..config import config_error
-from ..data.synthetic import mqar_accuracy, mqar_batch, mqar_batches
-from ..registry import count_parameters
+from ..training import TrainConfig, train
+from ..training.metrics import read_metrics
+from ..training.tasks.mqar import EVAL_SEED
 from .report import parse_model_spec, pyplot
 
-#: the evaluation set is drawn from this seed for every run, so all models answer the same queries.
-EVAL_SEED = 1_000_003
 
-
-def _build(name: str, overrides: dict[str, Any], width: int, n_layers: int, vocab_size: int) -> torch.nn.Module:
+def _sizing(name: str, overrides: dict[str, Any], width: int, n_layers: int, vocab_size: int) -> dict[str, Any]:
+    """The model config overrides of one run: the bench's sizing, then the spec's overrides."""
     import hierseq
 
     fields = hierseq.get_entry(name).config_cls.field_names()
     sizing: dict[str, Any] = {"d_model": width, "n_layers": n_layers, "vocab_size": vocab_size}
     if "n_heads" in fields:
         sizing["n_heads"] = max(1, width // 32)  # head width 32 unless the spec says otherwise
-    return hierseq.build_model(name, **{**sizing, **overrides})
+    return {**sizing, **overrides}
 
 
 def state_floats(model: torch.nn.Module, seq_len: int) -> int | None:
@@ -54,17 +55,10 @@ def state_floats(model: torch.nn.Module, seq_len: int) -> int | None:
     return int(model.state_floats(seq_len)) // model.config.n_layers
 
 
-@torch.no_grad()
-def evaluate_mqar(model: torch.nn.Module, eval_set: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Query accuracy of ``model`` (eval mode) over a list of (input_ids, labels) batches."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    for ids, labels in eval_set:
-        c, t = mqar_accuracy(model(ids).logits, labels)
-        correct, total = correct + c, total + t
-    model.train(was_training)
-    return correct / max(total, 1)
+def eval_sizes(eval_examples: int) -> tuple[int, int]:
+    """(batch size, batches) of the evaluation set: batches of at most 250 sequences."""
+    batch = min(250, eval_examples)
+    return batch, max(1, math.ceil(eval_examples / batch))
 
 
 def train_mqar(
@@ -72,7 +66,6 @@ def train_mqar(
     width: int,
     lr: float,
     seed: int,
-    eval_set: list[tuple[torch.Tensor, torch.Tensor]],
     seq_len: int,
     n_pairs: int,
     vocab_size: int,
@@ -83,68 +76,65 @@ def train_mqar(
     warmup_frac: float = 0.1,
     eval_every: int = 0,
     stop_at: float = 1.0,
+    eval_examples: int = 1000,
+    eval_seed: int = EVAL_SEED,
+    out_dir: str | Path | None = None,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """One training run; returns a result row (accuracy, losses, time, sizes).
+    """One training run (:func:`hierseq.training.train`, task ``mqar``); returns a result row (accuracy,
+    losses, time, sizes).
 
-    Stops early when a periodic evaluation (every ``eval_every`` steps; 0 = steps // 8) reaches
-    ``stop_at`` accuracy, so solved settings do not burn the CPU budget."""
+    The evaluation set is ``eval_examples`` sequences from the generator seeded ``eval_seed`` (the same
+    for every run). Stops early when a periodic evaluation (every ``eval_every`` steps; 0 = steps // 8)
+    reaches ``stop_at`` accuracy, so solved settings do not burn the CPU budget. The run's files go to
+    ``out_dir`` (None: a temporary folder, deleted afterwards)."""
+    if out_dir is None:
+        args = dict(locals())
+        with tempfile.TemporaryDirectory(prefix="hierseq-mqar-") as tmp:
+            return train_mqar(**{**args, "out_dir": tmp})
+    import hierseq
+
     _, name, overrides = parse_model_spec(spec)
-    torch.manual_seed(seed)
-    model = _build(name, overrides, width, n_layers, vocab_size)
-    model.train()
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+    eval_batch, eval_batches = eval_sizes(eval_examples)
+    cfg = TrainConfig(
+        model=name,
+        model_config=_sizing(name, overrides, width, n_layers, vocab_size),
+        task="mqar",
+        task_options={"n_pairs": n_pairs, "eval_seed": eval_seed, "stop_at": stop_at},
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_steps=steps,
         lr=lr,
-        betas=(0.9, 0.98),
+        min_lr_ratio=0.0,
+        warmup_steps=max(1, int(warmup_frac * steps)),
+        weight_decay=weight_decay,
+        beta2=0.98,
+        grad_clip=1.0,
+        eval_every=eval_every or max(1, steps // 8),
+        eval_batches=eval_batches,
+        eval_batch_size=eval_batch,
+        log_every=1,  # every step's loss, for the final-loss average
+        save_every=0,
+        seed=seed,
+        out_dir=str(out_dir),
+        progress=False,
     )
-    warmup = max(1, int(warmup_frac * steps))
-
-    def lr_at(step: int) -> float:
-        if step < warmup:
-            return lr * (step + 1) / warmup
-        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    eval_every = eval_every or max(1, steps // 8)
-    batches = mqar_batches(batch_size, seq_len, n_pairs, vocab_size, seed=seed)
-    t0 = time.perf_counter()
-    losses: list[float] = []
-    history: list[tuple[int, float]] = []
-    accuracy = 0.0
-    step = 0
-    for step in range(1, steps + 1):
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1)
-        ids, labels = next(batches)
-        out = model(ids, labels=labels)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(out.lm_loss.item())
-        if step % eval_every == 0 or step == steps:
-            accuracy = evaluate_mqar(model, eval_set)
-            history.append((step, accuracy))
-            if verbose:
-                tag = f"{spec} w={width} lr={lr:g}"
-                print(f"  [{tag}] step {step}: acc {accuracy:.4f} loss {losses[-1]:.3f}", flush=True)
-            if accuracy >= stop_at:
-                break
+    result = train(cfg, log=print if verbose else None)
+    events = read_metrics(Path(out_dir) / "metrics.jsonl")
+    losses = [e["lm_loss"] for e in events if e.get("lm_loss") is not None]  # one per step
     tail = losses[-max(1, len(losses) // 10) :]
     return {
         "model": spec,
         "width": width,
         "lr": lr,
         "seed": seed,
-        "accuracy": accuracy,
-        "steps_run": step,
+        "accuracy": result["val_accuracy"],
+        "steps_run": result["step"],
         "final_train_loss": statistics.fmean(tail),
-        "history": history,
-        "seconds": time.perf_counter() - t0,
-        "params": count_parameters(model),
-        "state_floats_per_layer": state_floats(model, seq_len),
+        "history": [(e["step"], e["val_accuracy"]) for e in events if e["event"] == "eval"],
+        "seconds": result["elapsed_s"],
+        "params": result["n_params"],
+        "state_floats_per_layer": state_floats(hierseq.load(Path(out_dir) / "final"), seq_len),
     }
 
 
@@ -188,23 +178,20 @@ def run_recall_bench(
         if threads < 1:
             raise config_error("threads", threads, "must be >= 1")
         torch.set_num_threads(threads)
-    generator = torch.Generator().manual_seed(EVAL_SEED)
-    eval_batch = min(250, eval_examples)
-    eval_set = [
-        mqar_batch(eval_batch, seq_len, n_pairs, vocab_size, generator)
-        for _ in range(max(1, math.ceil(eval_examples / eval_batch)))
-    ]
+    if eval_examples < 1:
+        raise config_error("eval_examples", eval_examples, "must be >= 1")
+    eval_batch, eval_batches = eval_sizes(eval_examples)
     rows = []
     for spec in models:
         for width in widths:
             for lr in lrs:
                 for seed in seeds:
+                    run = f"{spec.replace(':', '_').replace('=', '-').replace('+', '_').replace(',', '_')}"
                     row = train_mqar(
                         spec,
                         width,
                         lr,
                         seed,
-                        eval_set,
                         seq_len,
                         n_pairs,
                         vocab_size,
@@ -212,6 +199,8 @@ def run_recall_bench(
                         batch_size,
                         n_layers,
                         stop_at=stop_at,
+                        eval_examples=eval_examples,
+                        out_dir=Path(out_dir) / "runs" / f"{run}-w{width}-lr{lr:g}-seed{seed}",
                         verbose=verbose,
                     )
                     rows.append(row)
@@ -257,7 +246,7 @@ def run_recall_bench(
             "batch_size": batch_size,
             "lrs": list(lrs),
             "seeds": list(seeds),
-            "eval_examples": eval_batch * len(eval_set),
+            "eval_examples": eval_batch * eval_batches,
             "stop_at": stop_at,
         },
         "summary": summary,

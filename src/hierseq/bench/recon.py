@@ -1,7 +1,9 @@
 """Reconstruction benchmark: HAMA against a flat masked autoencoder at equal width, depth, parameters
 and training budget.
 
-Quality: both models train for the same steps / batch / length / learning rate on
+Quality: both models train with the one training loop (:func:`hierseq.training.train`, tasks
+``masked_bytes`` and ``masked_signal``; every run's folder under ``OUT/runs/``) for the same steps /
+batch / length / learning rate on
 (1) masked bytes of the embedded Austen corpus (validation novel: masked-byte accuracy and cross-entropy)
 and (2) a continuous multichannel signal task (masked-position MSE, and its ratio to predicting each
 sequence's mean). The flat MAE hides the same fraction of positions as HAMA's first layer
@@ -61,66 +63,65 @@ def model_configs(d_model: int, n_heads: int) -> dict[str, tuple[str, dict[str, 
 
 def _random_mask_eval(model: torch.nn.Module, batches: list[torch.Tensor]) -> dict[str, float]:
     """Metrics of a HAMA model evaluated with random (position-fixed) instead of learned masks."""
-    from ..training.masked import evaluate_masked
+    from ..training.tasks.masked import evaluate_masked
 
-    nodes = [b.node for b in getattr(model, "blocks", [])]
-    saved = [n.mask_strategy for n in nodes]
-    for n in nodes:
-        n.mask_strategy = "random"
-    try:
+    with model.masking("random"):
         return evaluate_masked(model, batches)
-    finally:
-        for n, s in zip(nodes, saved):
-            n.mask_strategy = s
 
 
 def quality(
-    settings: dict[str, Any], seeds: list[int], log, tasks: tuple[str, ...] = ("bytes", "signal")
+    settings: dict[str, Any], seeds: list[int], log, tasks: tuple[str, ...] = ("bytes", "signal"), out_dir="runs"
 ) -> dict[str, Any]:
-    from ..training.masked import MaskedTrainConfig, SignalTask, eval_byte_batches, train_masked
+    """Train and evaluate both models on every task and seed; runs go to ``out_dir/<model>-<task>-seed<s>``."""
+    import hierseq
+
+    from ..training import TrainConfig, train
+    from ..training.metrics import read_metrics
+    from ..training.tasks import task_class
 
     out: dict[str, Any] = {}
     for label, (registry_name, overrides) in model_configs(settings["d_model"], settings["n_heads"]).items():
         for task in tasks:
             runs = []
             for seed in seeds:
-                cfg = MaskedTrainConfig(
+                run_dir = Path(out_dir) / f"{label}-{task}-seed{seed}"
+                cfg = TrainConfig(
                     model=registry_name,
                     model_config=dict(overrides),
-                    task=task,
+                    task=f"masked_{task}",
                     seq_len=settings["seq_len"],
                     batch_size=settings["batch_size"],
                     max_steps=settings["steps"],
                     lr=settings["lr"],
                     warmup_steps=max(1, settings["steps"] // 20),
+                    weight_decay=0.01,
+                    eval_every=0,
                     eval_batches=settings["eval_batches"],
+                    eval_batch_size=16,
                     log_every=max(1, settings["steps"] // 5),
+                    save_every=0,
                     seed=seed,
+                    out_dir=str(run_dir),
+                    progress=False,
                 )
-                t0 = time.perf_counter()
-                result = train_masked(cfg, log=None)
-                final = dict(result["final"])
+                result = train(cfg, log=None)
+                final = dict(result["val"])
                 if registry_name == "hama" and overrides.get("mask_strategy", "learned") == "learned":
-                    if task == "bytes":
-                        from ..data.corpora import load_corpus
-
-                        val = eval_byte_batches(load_corpus(None).val, 16, cfg.seq_len, cfg.eval_batches)
-                    else:
-                        gen = torch.Generator().manual_seed(10_000 + seed)
-                        val = [
-                            SignalTask(cfg.signal_channels).sample(16, cfg.seq_len, gen)
-                            for _ in range(cfg.eval_batches)
-                        ]
-                    final.update({f"random_mask_{k}": v for k, v in _random_mask_eval(result["model"], val).items()})
+                    val = task_class(cfg.task)(cfg)
+                    val.setup(0, 1, torch.device("cpu"))  # the run's validation inputs
+                    model = hierseq.load(run_dir / "final")
+                    final.update({f"random_mask_{k}": v for k, v in _random_mask_eval(model, val.eval_inputs).items()})
                 run = {
                     "seed": seed,
-                    "params": result["params"],
-                    "train_time_s": result["train_time_s"],
+                    "params": result["n_params"],
+                    "train_time_s": result["elapsed_s"],
                     "final": final,
-                    "train_loss": [h["train_loss"] for h in result["history"] if "train_loss" in h],
+                    "train_loss": [
+                        e["loss"] for e in read_metrics(run_dir / "metrics.jsonl") if e.get("loss") is not None
+                    ],
                 }
                 runs.append(run)
-                log(f"{label:<9} {task:<6} seed {seed}: {_summary(task, final)} ({time.perf_counter() - t0:.0f} s)")
+                log(f"{label:<9} {task:<6} seed {seed}: {_summary(task, final)} ({result['elapsed_s']:.0f} s)")
             out.setdefault(label, {})[task] = {"runs": runs, "mean": _mean_final(runs)}
     return out
 
@@ -208,7 +209,8 @@ def run_recon_bench(
 ) -> dict[str, Any]:
     """Train and evaluate HAMA and the flat MAE (``quick``: d_model 64, 400 steps; else d_model 128,
     2000 steps), time their forward passes from 1k to 16k tokens, write recon.json / .md / .png under
-    ``out_dir``, print the Markdown table and return the report."""
+    ``out_dir`` (each training run's folder under ``out_dir/runs/``), print the Markdown table and
+    return the report."""
     settings = dict(QUICK if quick else FULL)
     if steps is not None:
         settings["steps"] = steps
@@ -243,7 +245,7 @@ def run_recon_bench(
     bad = [t for t in tasks if t not in ("bytes", "signal")]
     if bad or not tasks:
         raise ValueError(f"tasks={list(tasks)}: choose from ['bytes', 'signal']")
-    report["quality"] = quality(settings, seeds, log, tuple(tasks))
+    report["quality"] = quality(settings, seeds, log, tuple(tasks), Path(out_dir) / "runs")
     report["speed"] = {} if skip_speed else speed(settings, log)
     report["wall_time_s"] = time.perf_counter() - t0
     out = Path(out_dir)
@@ -318,7 +320,6 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         curve = tasks["bytes"]["runs"][0]["train_loss"]
         axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=label)
     axes[0].set_title("bytes: training loss (masked CE, seed 0), per fifth of training")
-    axes[0].legend()
     for label, rows in report["speed"].items():
         ok = [r for r in rows if r["status"] == "ok"]
         if ok:
@@ -331,7 +332,9 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         ax.set_xlabel("sequence length")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:  # a panel without curves (task or speed skipped) gets none
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,24 +11,27 @@ read out at the chunk's last step), which the HiSS paper's own comparison did no
 
 Reference rows, computed on the same test data with the same alignment: ``mean`` (the training mean,
 1.0 by construction up to test-set sampling), ``linear`` (ridge regression on causal running sums of
-the inputs, :class:`hierseq.training.regression.LinearChunkBaseline`) and ``analytic`` (the task's
+the inputs, :class:`LinearChunkBaseline`) and ``analytic`` (the task's
 physics-aware estimator from :data:`hierseq.data.signals.REFERENCE_ESTIMATORS`).
 
 Reported: test MSE in standardised target units (mean +- std over seeds; each seed re-draws the data,
 the initialisation and the batch order), the parameter count, training time, and HiSS's relative
 change against the best flat model (the paper claims >= 23% lower MSE on its real CSP-Bench data).
 
-Budget (``full``): 1024 training sequences of 160 steps, 5 epochs of batch 8 (640 Adam steps) at lr 1e-2
-with cosine decay, best validation epoch kept - about 14 minutes for 5 models x 2 tasks x 3 seeds on one
-thread of the 2-core development machine. Earlier settings (192 sequences of 500 steps, 6 epochs
-of batch 16 = 72 steps) left every model at the mean predictor's MSE on ``imu_integration`` although
-dead reckoning reaches ~0.005 there: the models were stopped before they learned, not unable to.
+Every model trains through the one training loop (:func:`hierseq.training.train`, task ``regression``,
+one run folder per model under ``OUT/runs/``). Budget (``full``): 1024 training sequences of 160 steps,
+5 epochs of batch 8 (640 Adam steps) at lr 1e-2 with cosine decay, best validation epoch kept - about
+14 minutes for 5 models x 2 tasks x 3 seeds on one thread of the 2-core development machine. Earlier
+settings (192 sequences of 500 steps, 6 epochs of batch 16 = 72 steps) left every model at the mean
+predictor's MSE on ``imu_integration`` although dead reckoning reaches ~0.005 there: the models were
+stopped before they learned, not unable to.
 
 Entry point: :func:`run_signals_bench` (the ``hierseq bench signals`` command calls it).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -38,15 +41,19 @@ from typing import Any
 
 import torch
 
-from ..data.signals import REFERENCE_ESTIMATORS, SIGNAL_TASKS, make_signal_splits
+from ..config import check_positive_int
+from ..data.signals import REFERENCE_ESTIMATORS, SIGNAL_TASKS
 from ..registry import build_model, count_parameters
-from ..training.regression import (
-    LinearChunkBaseline,
-    RegressionPreprocessor,
-    RegressionTrainConfig,
-    evaluate_regression,
+from ..training import TrainConfig, train
+from ..training.metrics import read_metrics
+from ..training.tasks.base import resolve_options
+from ..training.tasks.regression import (
+    RegressionData,
+    RegressionSplits,
+    RegressionTask,
+    Standardizer,
     prediction_mse,
-    train_regression,
+    prepare_regression,
 )
 from .report import machine_facts, markdown_table, pyplot, write_report
 
@@ -120,39 +127,99 @@ def matched_overrides(label: str, d_in: int, d_out: int, chunk_size: int, budget
     return best[1]
 
 
-def _prepare(task: str, seed: int, setting: dict[str, Any]) -> dict[str, Any]:
-    """Data of one (task, seed): raw splits, the preprocessor fitted on train, model-ready tensors."""
-    raw = make_signal_splits(
-        task, setting["n_train"], setting["n_val"], setting["n_test"], seed=1000 + seed, length=setting["length"]
+def chunk_history_features(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Causal hand-made features for a linear reference. x: [N, T, D] -> [N, T // C, C * D + 2 * D + 2]:
+    at the end of chunk k, the chunk's own C input steps, the running sum and the running double sum of
+    the inputs (a linear integrator's state) up to that step, and the chunk's relative time and its square."""
+    x = x.to(torch.float64)
+    batch, length, d = x.shape
+    n = length // chunk_size
+    ends = torch.arange(chunk_size - 1, n * chunk_size, chunk_size)
+    once = x.cumsum(dim=1) / length
+    twice = once.cumsum(dim=1) / length
+    time = (torch.arange(1, n + 1, dtype=torch.float64) / n).expand(batch, n)
+    return torch.cat(
+        (
+            x[:, : n * chunk_size].reshape(batch, n, chunk_size * d),
+            once[:, ends],
+            twice[:, ends],
+            time.unsqueeze(-1),
+            time.unsqueeze(-1) ** 2,
+        ),
+        dim=-1,
     )
-    cfg = _train_config(setting, seed)
-    prep = RegressionPreprocessor(cfg.first_differences, cfg.normalize_inputs, cfg.normalize_targets)
-    prep.fit(raw[0].x, raw[0].y, raw[0].mask)
-    train, val, test = (prep.transform(s.x, s.y, s.mask) for s in raw)
-    return {"raw": raw, "prep": prep, "train": train, "val": val, "test": test}
 
 
-def _train_config(setting: dict[str, Any], seed: int) -> RegressionTrainConfig:
-    return RegressionTrainConfig(
-        epochs=setting["epochs"], batch_size=setting["batch_size"], lr=setting["lr"], seed=seed
-    )
+class LinearChunkBaseline:
+    """Ridge regression from :func:`chunk_history_features` to the targets: what a linear integrator can
+    do with the same inputs and alignment as the models. ``fit`` picks the ridge strength on ``val``."""
+
+    RIDGES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # times the number of labelled training chunks
+
+    def __init__(self, chunk_size: int) -> None:
+        check_positive_int("chunk_size", chunk_size)
+        self.chunk_size = chunk_size
+        self.features: Standardizer | None = None
+        self.weight: torch.Tensor | None = None
+        self.ridge: float | None = None
+
+    def _design(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.features is not None
+        f = self.features(chunk_history_features(x, self.chunk_size))
+        return torch.cat((f, torch.ones(*f.shape[:-1], 1, dtype=f.dtype)), dim=-1)
+
+    def fit(self, train: RegressionData, val: RegressionData) -> LinearChunkBaseline:
+        raw = chunk_history_features(train.x, self.chunk_size)
+        self.features = Standardizer.fit(raw, train.mask)
+        design = self._design(train.x)[train.mask]
+        target = train.y.to(torch.float64)[train.mask]
+        gram, rhs = design.T @ design, design.T @ target
+        best = (math.inf, None, None)
+        for ridge in self.RIDGES:
+            reg = ridge * design.shape[0] * torch.eye(gram.shape[0], dtype=gram.dtype)
+            reg[-1, -1] = 0.0  # no penalty on the bias
+            self.weight = torch.linalg.solve(gram + reg, rhs)
+            score = prediction_mse(self.predict(val.x), val)
+            if score < best[0]:
+                best = (score, ridge, self.weight)
+        _, self.ridge, self.weight = best
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [N, T, D] model inputs -> [N, T // C, D_out] (standardised target units)."""
+        if self.weight is None:
+            raise RuntimeError("LinearChunkBaseline: call fit() first")
+        return self._design(x) @ self.weight
+
+
+def _task_options(task: str, seed: int, setting: dict[str, Any]) -> dict[str, Any]:
+    """The regression task options of one (task, seed): data sizes and the data seed 1000 + seed."""
+    sizes = {k: setting[k] for k in ("n_train", "n_val", "n_test")}
+    return {"signal": task, **sizes, "data_seed": 1000 + seed}
+
+
+def _prepare(task: str, seed: int, setting: dict[str, Any]) -> RegressionSplits:
+    """Data of one (task, seed), exactly as the training runs draw it: raw splits, the preprocessor
+    fitted on train, model-ready tensors."""
+    opts = resolve_options(RegressionTask.name, RegressionTask.options, _task_options(task, seed, setting))
+    return prepare_regression(opts, setting["length"])
 
 
 def _reference_runs(task: str, seed: int, data: dict[str, Any]) -> list[dict[str, Any]]:
     """The mean, linear and analytic reference estimators on the test split (standardised units)."""
-    train_set, _, test_set = data["raw"]
-    test = data["test"]
+    train_set, _, test_set = data.raw
+    test = data.test
     runs = []
     start = time.perf_counter()
     runs.append(("mean", 0, prediction_mse(torch.zeros_like(test.y), test), time.perf_counter() - start))
     start = time.perf_counter()
-    linear = LinearChunkBaseline(train_set.chunk_size).fit(data["train"], data["val"])
+    linear = LinearChunkBaseline(train_set.chunk_size).fit(data.train, data.val)
     n_weights = int(linear.weight.numel()) if linear.weight is not None else 0
     runs.append(("linear", n_weights, prediction_mse(linear.predict(test.x), test), time.perf_counter() - start))
     if task in REFERENCE_ESTIMATORS:
         start = time.perf_counter()
         estimate = REFERENCE_ESTIMATORS[task][1](test_set.x, test_set.chunk_size)
-        standardised = data["prep"].targets(torch.as_tensor(estimate, dtype=torch.float64))
+        standardised = data.prep.targets(torch.as_tensor(estimate, dtype=torch.float64))
         runs.append(("analytic", 0, prediction_mse(standardised, test), time.perf_counter() - start))
     return [
         {
@@ -168,14 +235,49 @@ def _reference_runs(task: str, seed: int, data: dict[str, Any]) -> list[dict[str
     ]
 
 
-def _model_run(task: str, label: str, seed: int, data: dict[str, Any], setting: dict[str, Any]) -> dict[str, Any]:
-    train, val, test = data["train"], data["val"], data["test"]
+def _model_run(
+    task: str, label: str, seed: int, data: RegressionSplits, setting: dict[str, Any], run_dir: Path
+) -> dict[str, Any]:
+    """Train model ``label`` on (task, seed) with the one training loop (task ``regression``, one
+    validation pass per epoch, the best epoch's weights kept) and test it."""
     name, _ = MODEL_SPECS[label]
-    chunk = data["raw"][0].chunk_size
-    over = matched_overrides(label, train.x.shape[-1], train.y.shape[-1], chunk, setting["params"])
-    torch.manual_seed(seed)
-    model = build_model(name, **over)
-    fit = train_regression(model, train, val, _train_config(setting, seed))
+    over = matched_overrides(
+        label, data.train.x.shape[-1], data.train.y.shape[-1], data.raw[0].chunk_size, setting["params"]
+    )
+    steps_per_epoch = setting["n_train"] // setting["batch_size"]
+    cfg = TrainConfig(
+        model=name,
+        model_config=over,
+        task="regression",
+        task_options=_task_options(task, seed, setting),
+        seq_len=setting["length"],
+        batch_size=setting["batch_size"],
+        max_steps=setting["epochs"] * steps_per_epoch,
+        lr=setting["lr"],
+        warmup_steps=0,
+        min_lr_ratio=0.1,  # cosine decay to 10%: the same schedule for every model in the comparison
+        weight_decay=0.0,
+        beta2=0.999,  # Adam's
+        eval_every=steps_per_epoch,
+        eval_batch_size=32,
+        log_every=steps_per_epoch,
+        save_every=0,
+        keep_best=True,
+        seed=seed,
+        out_dir=str(run_dir),
+        progress=False,
+    )
+    result = train(cfg, log=None)
+    history = [
+        {
+            "epoch": e["step"] // steps_per_epoch,
+            "train_mse": e["loss"],
+            "val_mse": e["val_loss"],
+            "seconds": e["elapsed_s"],
+        }
+        for e in read_metrics(run_dir / "metrics.jsonl")
+        if e["event"] == "eval"
+    ]
     return {
         "task": task,
         "model": label,
@@ -183,13 +285,14 @@ def _model_run(task: str, label: str, seed: int, data: dict[str, Any], setting: 
         "registry_name": name,
         "seed": seed,
         "overrides": over,
-        "params": count_parameters(model),
-        "test_mse": evaluate_regression(model, test),
-        "best_val_mse": fit["best_val_mse"],
-        "best_epoch": fit["best_epoch"],
-        "steps": fit["steps"],
-        "train_seconds": fit["seconds"],
-        "history": fit["history"],
+        "params": result["n_params"],
+        "test_mse": result["test"]["mse"],
+        "best_val_mse": result["val_loss"],
+        "best_epoch": result["best_step"] // steps_per_epoch,
+        "steps": result["step"],
+        "train_seconds": result["elapsed_s"],
+        "history": history,
+        "run_dir": str(run_dir),
     }
 
 
@@ -280,7 +383,7 @@ def _fmt_params(row: dict[str, Any]) -> str:
 
 def to_markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     s = meta["setting"]
-    steps = s["epochs"] * -(-s["n_train"] // s["batch_size"])
+    steps = s["epochs"] * (s["n_train"] // s["batch_size"])
     lines = [
         "# HiSS vs flat models on synthetic sensor tasks",
         "",
@@ -390,7 +493,8 @@ def run_signals_bench(
     ``signals.md`` and ``signals.png`` to ``out_dir``.
 
     Args:
-        out_dir: output folder (created).
+        out_dir: output folder (created); every model run's own folder (metrics.jsonl, loss.png, checkpoint,
+            final model) goes under ``out_dir/runs/``.
         quick: tiny data and 2 epochs (a smoke run in seconds; numbers meaningless).
         seeds: each seed re-draws data, initialisation and batch order.
         tasks: subset of :data:`hierseq.data.signals.SIGNAL_TASKS` (default all).
@@ -433,7 +537,9 @@ def run_signals_bench(
                 text = ", ".join(f"{r['model']} {r['test_mse']:.4f}" for r in refs)
                 print(f"[signals] {task} seed {seed}: references {text}", flush=True)
             for label in model_list:
-                run = _model_run(task, label, seed, data, setting)
+                run = _model_run(
+                    task, label, seed, data, setting, Path(out_dir) / "runs" / f"{task}-{label}-seed{seed}"
+                )
                 runs.append(run)
                 done += 1
                 if progress:

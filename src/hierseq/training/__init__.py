@@ -1,5 +1,7 @@
-"""Training: the loop (schedule, clipping, accumulation, TBPTT, eval, DDP), checkpoints and logging."""
+"""Training: the one loop (schedule, clipping, accumulation, eval, checkpoints, DDP) and its task adapters."""
 
-from .trainer import TrainConfig, evaluate, train
+from .config import TrainConfig
+from .tasks import DEFAULT_TASKS, TASKS
+from .trainer import evaluate, train
 
-__all__ = ["TrainConfig", "evaluate", "train"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "TrainConfig", "evaluate", "train"]

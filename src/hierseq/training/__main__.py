@@ -1,37 +1,19 @@
 """``python -m hierseq.training CONFIG.yaml [--set key=value ...]`` (also under ``torchrun``).
 
-``--set`` values are parsed as YAML scalars; keys prefixed ``model.`` or ``model_config.`` override a
-model config field, e.g. ``--set max_steps=500 --set model.d_model=128``.
+``--set`` is parsed by :mod:`hierseq.training.overrides` (the parser of ``hierseq train``), e.g.
+``--set max_steps=500 --set model.d_model=128 --set task.n_pairs=8``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from typing import Any
 
-import yaml
-
-from .trainer import TrainConfig, train
-
-
-def apply_overrides(data: dict[str, Any], pairs: list[str]) -> dict[str, Any]:
-    """``data`` (TrainConfig fields) with ``key=value`` overrides applied; returns a new dict."""
-    data = {**data, "model_config": dict(data.get("model_config") or {})}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: must have the form key=value (e.g. --set lr=3e-4)")
-        value = yaml.safe_load(raw) if raw.strip() else ""
-        for prefix in ("model.", "model_config."):
-            if key.startswith(prefix):
-                data["model_config"][key[len(prefix) :]] = value
-                break
-        else:
-            data[key] = value
-    return data
+from .config import TrainConfig, load_yaml_mapping
+from .overrides import apply_overrides
+from .trainer import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,11 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="YAML file of TrainConfig fields")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     args = parser.parse_args(argv)
-    base = TrainConfig.from_yaml(args.config).to_dict()
-    cfg = TrainConfig.from_dict(apply_overrides(base, args.set))
+    cfg = TrainConfig.from_dict(apply_overrides(load_yaml_mapping(args.config), args.set))
     result = train(cfg)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
     return 0

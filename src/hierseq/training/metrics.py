@@ -28,8 +28,8 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 class MetricsWriter:
     """Appends events to ``out_dir/metrics.jsonl``.
 
-    On resume, events after the checkpoint step (written by the interrupted run after its last save) are
-    dropped first, so the file reads as one uninterrupted run."""
+    On resume, events after the checkpoint step (written by the interrupted run after its last save) and
+    the end-of-run test events are dropped first, so the file reads as one uninterrupted run."""
 
     def __init__(self, out_dir: str | Path, resume_step: int | None) -> None:
         self.path = Path(out_dir) / METRICS_NAME
@@ -37,7 +37,7 @@ class MetricsWriter:
         if resume_step is None:
             self.path.write_text("")
         else:
-            kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step]
+            kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step and e.get("event") != "test"]
             self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
 
     def write(self, event: dict[str, Any]) -> None:
@@ -49,9 +49,10 @@ class LossPlotter:
     """Writes ``loss.png`` (train loss and val loss vs step) with matplotlib's object API (no pyplot, so
     no global backend change). Without matplotlib only the plot is skipped, and that is said once."""
 
-    def __init__(self, out_dir: str | Path, log=print) -> None:
+    def __init__(self, out_dir: str | Path, log=print, ylabel: str = "loss (nats / byte)") -> None:
         self.path = Path(out_dir) / PLOT_NAME
         self.log = log
+        self.ylabel = ylabel
         self._warned = False
 
     def plot(self, events: list[dict[str, Any]]) -> bool:
@@ -73,7 +74,7 @@ class LossPlotter:
         if val:
             ax.plot(*zip(*val), "o-", label="val loss", markersize=3)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats / byte)")
+        ax.set_ylabel(self.ylabel)
         ax.grid(alpha=0.3)
         if train or val:
             ax.legend()
