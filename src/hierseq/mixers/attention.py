@@ -8,7 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_divisible, check_nonneg_int, check_positive_float, check_positive_int, config_error
+from ..config import (
+    check_divisible,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    config_error,
+)
 from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
 from .base import Mixer, MixerConfig, register_mixer
@@ -119,16 +126,13 @@ class AttentionMixerConfig(MixerConfig):
     def check(self, d_model: int) -> None:
         check_heads(d_model, self.n_heads)
         check_positive_float("rope_base", self.rope_base)
-        if isinstance(self.attn_dropout, bool) or not 0.0 <= self.attn_dropout < 1.0:
-            raise config_error("attn_dropout", self.attn_dropout, "must be a float in [0, 1)")
         check_nonneg_int("tbptt_memory", self.tbptt_memory)
+        check_probability("attn_dropout", self.attn_dropout)
 
 
 @register_mixer("attention", config=AttentionMixerConfig)
 class Attention(Mixer):
     """Multi-head causal self-attention. x: [B, L, D] -> [B, L, D]; state: :class:`KVState`."""
-
-    state_class = KVState
 
     def __init__(self, d_model: int, cfg: AttentionMixerConfig) -> None:
         super().__init__(d_model, cfg)

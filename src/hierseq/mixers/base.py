@@ -29,8 +29,6 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..modules.state import LayerState
-
 __all__ = [
     "MIXERS",
     "Mixer",
@@ -54,8 +52,6 @@ class Mixer(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MixerConfig]] = MixerConfig
-    #: the per-layer state type (None for a mixer that keeps none, which cannot decode).
-    state_class: ClassVar[type[LayerState] | None] = None
     out_proj: nn.Linear
 
     def __init__(self, d_model: int, cfg: MixerConfig) -> None:

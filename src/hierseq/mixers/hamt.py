@@ -93,8 +93,6 @@ class HolographicMemoryMixer(Mixer):
     """The attention replacement. x: [B, L, D] -> [B, L, D]; state: :class:`RecurrentState`
     (conv window [B, 3M, K-1], memory [B, S, M]); aux: the retention loss."""
 
-    state_class = RecurrentState
-
     def __init__(self, d_model: int, cfg: HAMTMixerConfig) -> None:
         super().__init__(d_model, cfg)
         d, m, s = d_model, cfg.hcm_dim or 2 * d_model, cfg.num_slots

@@ -54,12 +54,10 @@ class LinearAttentionMixerConfig(MixerConfig):
 class LinearAttention(Mixer):
     """x: [B, L, D] -> [B, L, D]; state: :class:`RecurrentState` (conv window, memory [B, H, dk, dv + 1])."""
 
-    state_class = RecurrentState
-
     def __init__(self, d_model: int, cfg: LinearAttentionMixerConfig) -> None:
         super().__init__(d_model, cfg)
+        self.key_dim = cfg.key_dim or d_model // cfg.n_heads
         self.heads, self.head_dim = cfg.n_heads, d_model // cfg.n_heads
-        self.key_dim = cfg.key_dim or self.head_dim
         self.qk_width = cfg.n_heads * self.key_dim
         self.in_proj = nn.Linear(d_model, 2 * self.qk_width + d_model, bias=False)
         self.conv = CausalDepthwiseConv1d(2 * self.qk_width + d_model, cfg.conv_kernel)

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_bool, check_choice, check_positive_float, check_positive_int, config_error
+from ..config import check_bool, check_choice, check_positive_float, check_positive_int, check_probability, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
@@ -108,8 +108,7 @@ class MAHAMixerConfig(MixerConfig):
         if not self.causal and self.conv_kernel % 2 == 0:
             raise config_error("conv_kernel", self.conv_kernel, "must be odd for the centred (causal=False) conv")
         check_positive_float("rope_base", self.rope_base)
-        if isinstance(self.attn_dropout, bool) or not 0.0 <= self.attn_dropout < 1.0:
-            raise config_error("attn_dropout", self.attn_dropout, "must be a float in [0, 1)")
+        check_probability("attn_dropout", self.attn_dropout)
 
 
 @dataclasses.dataclass
@@ -188,8 +187,6 @@ class MultiscaleAttention(Mixer):
     ``state`` (a :class:`MAHAState`, causal only) continues from earlier calls and is advanced in
     place; None means an empty past.
     """
-
-    state_class = MAHAState
 
     def __init__(self, d_model: int, cfg: MAHAMixerConfig) -> None:
         super().__init__(d_model, cfg)

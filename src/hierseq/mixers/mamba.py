@@ -86,8 +86,6 @@ class Mamba(Mixer):
     carried state.
     """
 
-    state_class = MambaState
-
     def __init__(self, d_model: int, cfg: MambaMixerConfig | None = None) -> None:
         cfg = cfg if cfg is not None else MambaMixerConfig()
         cfg.check(d_model)

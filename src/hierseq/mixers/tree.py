@@ -152,8 +152,6 @@ class TreeAttention(Mixer):
     positions continuing from ``state.length``.
     """
 
-    state_class = TreeAttentionCache
-
     def __init__(self, d_model: int, cfg: TreeMixerConfig) -> None:
         super().__init__(d_model, cfg)
         self.n_heads = cfg.n_heads

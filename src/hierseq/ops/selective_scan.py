@@ -8,7 +8,7 @@ For every batch row b, channel d and state index n::
 Shapes: u, delta: [Bt, L, Di]; A: [Di, N] (negative real parts); B, C: [Bt, L, N]; D: [Di];
 h0 / last state: [Bt, Di, N]. ``delta`` is already positive (softplus applied by the caller).
 
-Three paths that agree (tests/layers/test_selective_scan.py):
+Three paths that agree (tests/ops/test_selective_scan_op.py):
 
 * :func:`selective_scan_reference` - the definition, a Python loop over time with plain autograd;
 * :func:`selective_scan` - the training path: a custom autograd function that runs a work-efficient
