@@ -10,10 +10,7 @@ from torch import nn
 
 from ..config import (
     check_divisible,
-    check_nonneg_int,
-    check_positive_float,
     check_positive_int,
-    check_probability,
     config_error,
 )
 from ..modules.positional import RotaryEmbedding
@@ -123,11 +120,13 @@ class AttentionMixerConfig(MixerConfig):
     attn_dropout: float = 0.0
     tbptt_memory: int = 256
 
+    positive_floats = ("rope_base",)
+    nonneg_ints = ("tbptt_memory",)
+    probabilities = ("attn_dropout",)
+
     def check(self, d_model: int) -> None:
+        super().check(d_model)
         check_heads(d_model, self.n_heads)
-        check_positive_float("rope_base", self.rope_base)
-        check_nonneg_int("tbptt_memory", self.tbptt_memory)
-        check_probability("attn_dropout", self.attn_dropout)
 
 
 @register_mixer("attention", config=AttentionMixerConfig)

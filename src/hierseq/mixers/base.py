@@ -29,6 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..config import check_bool, check_nonneg_int, check_positive_float, check_positive_int, check_probability
+
 __all__ = [
     "MIXERS",
     "Mixer",
@@ -41,10 +43,29 @@ __all__ = [
 
 @dataclasses.dataclass
 class MixerConfig:
-    """Base of every mixer's options. ``check(d_model)`` validates them (ValueError: field, value, rule)."""
+    """Base of every mixer's options. ``check(d_model)`` validates them (ValueError: field, value, rule).
+
+    The simple rules are data: fields named in ``positive_ints``, ``nonneg_ints``, ``positive_floats``,
+    ``probabilities`` or ``flags`` are checked here; a subclass's ``check`` adds the rest."""
+
+    positive_ints: ClassVar[tuple[str, ...]] = ()
+    nonneg_ints: ClassVar[tuple[str, ...]] = ()
+    positive_floats: ClassVar[tuple[str, ...]] = ()
+    probabilities: ClassVar[tuple[str, ...]] = ()
+    flags: ClassVar[tuple[str, ...]] = ()
 
     def check(self, d_model: int) -> None:
         """Raise ValueError when a field is invalid for this width."""
+        rules = (
+            (self.positive_ints, check_positive_int),
+            (self.nonneg_ints, check_nonneg_int),
+            (self.positive_floats, check_positive_float),
+            (self.probabilities, check_probability),
+            (self.flags, check_bool),
+        )
+        for names, rule in rules:
+            for name in names:
+                rule(name, getattr(self, name))
 
 
 class Mixer(nn.Module):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_divisible, check_nonneg_int, check_positive_int
+from ..config import check_divisible
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.state import LayerState
 from ..ops.linear_attention import linear_attention_chunked, linear_attention_step
@@ -42,12 +42,12 @@ class LinearAttentionMixerConfig(MixerConfig):
     conv_kernel: int = 4
     chunk_size: int = 64
 
+    positive_ints = ("n_heads", "conv_kernel", "chunk_size")
+    nonneg_ints = ("key_dim",)
+
     def check(self, d_model: int) -> None:
-        check_positive_int("n_heads", self.n_heads)
+        super().check(d_model)
         check_divisible("d_model", d_model, "n_heads", self.n_heads)
-        check_nonneg_int("key_dim", self.key_dim)
-        check_positive_int("conv_kernel", self.conv_kernel)
-        check_positive_int("chunk_size", self.chunk_size)
 
 
 @register_mixer("linear_attn", config=LinearAttentionMixerConfig)

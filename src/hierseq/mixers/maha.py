@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_bool, check_choice, check_positive_float, check_positive_int, check_probability, config_error
+from ..config import check_choice, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
@@ -86,29 +86,26 @@ class MAHAMixerConfig(MixerConfig):
     rope_base: float = 10000.0
     attn_dropout: float = 0.0
 
+    positive_ints = ("n_scales", "downsample", "window", "nash_iters", "conv_kernel", "conv_dilation")
+    positive_floats = ("rope_base",)
+    probabilities = ("attn_dropout",)
+    flags = ("causal",)
+
     def check(self, d_model: int) -> None:
+        super().check(d_model)
         check_heads(d_model, self.n_heads)
-        check_positive_int("n_scales", self.n_scales)
-        check_positive_int("downsample", self.downsample)
         if self.n_scales > 1 and self.downsample < 2:
             raise config_error("downsample", self.downsample, "must be >= 2 when n_scales > 1")
         check_choice("attention", self.attention, ATTENTION_MODES)
-        check_positive_int("window", self.window)
         check_choice("aggregation", self.aggregation, AGGREGATIONS)
-        check_positive_int("nash_iters", self.nash_iters)
         if isinstance(self.nash_temperature, bool) or not isinstance(self.nash_temperature, (int, float)):
             raise config_error("nash_temperature", self.nash_temperature, "must be a number >= 1")
         if self.nash_temperature < 1.0:
             raise config_error(
                 "nash_temperature", self.nash_temperature, "must be >= 1 (keeps best responses a contraction)"
             )
-        check_positive_int("conv_kernel", self.conv_kernel)
-        check_positive_int("conv_dilation", self.conv_dilation)
-        check_bool("causal", self.causal)
         if not self.causal and self.conv_kernel % 2 == 0:
             raise config_error("conv_kernel", self.conv_kernel, "must be odd for the centred (causal=False) conv")
-        check_positive_float("rope_base", self.rope_base)
-        check_probability("attn_dropout", self.attn_dropout)
 
 
 @dataclasses.dataclass
