@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import (
     check_divisible,
+    check_positive_float,
     check_positive_int,
     config_error,
 )
@@ -111,22 +112,29 @@ def check_heads(d_model: int, n_heads: int) -> None:
 
 
 @dataclasses.dataclass
-class AttentionMixerConfig(MixerConfig):
-    """n_heads: heads (head width d_model / n_heads, even for RoPE). attn_dropout: on attention
-    probabilities. tbptt_memory: keys a layer keeps across truncated-BPTT segments (0 = all)."""
+class RotaryHeadsConfig(MixerConfig):
+    """What every rotary multi-head mixer has: n_heads (head width d_model / n_heads, even for RoPE) and
+    the rotary base."""
 
     n_heads: int = 4
     rope_base: float = 10000.0
-    attn_dropout: float = 0.0
-    tbptt_memory: int = 256
-
-    positive_floats = ("rope_base",)
-    nonneg_ints = ("tbptt_memory",)
-    probabilities = ("attn_dropout",)
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
         check_heads(d_model, self.n_heads)
+        check_positive_float("rope_base", self.rope_base)
+
+
+@dataclasses.dataclass
+class AttentionMixerConfig(RotaryHeadsConfig):
+    """n_heads: heads (head width d_model / n_heads, even for RoPE). attn_dropout: on attention
+    probabilities. tbptt_memory: keys a layer keeps across truncated-BPTT segments (0 = all)."""
+
+    attn_dropout: float = 0.0
+    tbptt_memory: int = 256
+
+    nonneg_ints = ("tbptt_memory",)
+    probabilities = ("attn_dropout",)
 
 
 @register_mixer("attention", config=AttentionMixerConfig)

@@ -56,15 +56,15 @@ from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
 from ..ops.banded_attention import banded_attention, causal_source_index, upsample_causal
 from ..ops.simplex import nash_weights, sparsemax
-from .attention import KVState, cached_causal_attention, check_heads
-from .base import Mixer, MixerConfig, register_mixer
+from .attention import KVState, RotaryHeadsConfig, cached_causal_attention
+from .base import Mixer, register_mixer
 
 ATTENTION_MODES = ("windowed", "full")
 AGGREGATIONS = ("convex", "nash")
 
 
 @dataclasses.dataclass
-class MAHAMixerConfig(MixerConfig):
+class MAHAMixerConfig(RotaryHeadsConfig):
     """n_scales: S; downsample: r, stride and kernel of the strided conv between neighbouring scales;
     attention: "windowed" (linear in length) or "full" (quadratic, as the seed); window: keys per query
     in windowed mode, counted in the query's own scale; aggregation: "convex" (sparsemax) or "nash"
@@ -72,7 +72,6 @@ class MAHAMixerConfig(MixerConfig):
     temperature 2 S; conv_kernel / conv_dilation: the dilated conv; causal: False gives the non-causal
     encoder variant (compat only); attn_dropout: on attention probabilities."""
 
-    n_heads: int = 4
     n_scales: int = 3
     downsample: int = 4
     attention: str = "windowed"
@@ -83,17 +82,14 @@ class MAHAMixerConfig(MixerConfig):
     conv_kernel: int = 3
     conv_dilation: int = 2
     causal: bool = True
-    rope_base: float = 10000.0
     attn_dropout: float = 0.0
 
     positive_ints = ("n_scales", "downsample", "window", "nash_iters", "conv_kernel", "conv_dilation")
-    positive_floats = ("rope_base",)
     probabilities = ("attn_dropout",)
     flags = ("causal",)
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
-        check_heads(d_model, self.n_heads)
         if self.n_scales > 1 and self.downsample < 2:
             raise config_error("downsample", self.downsample, "must be >= 2 when n_scales > 1")
         check_choice("attention", self.attention, ATTENTION_MODES)

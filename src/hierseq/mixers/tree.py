@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import check_choice, check_positive_float, check_positive_int, config_error
+from ..config import check_choice, config_error
 from ..modules.positional import RotaryEmbedding
 from ..modules.state import LayerState
 from ..ops.tree_attention import (
@@ -77,8 +77,8 @@ from ..ops.tree_attention import (
     summary_pyramid,
     tree_levels,
 )
-from .attention import check_heads
-from .base import Mixer, MixerConfig, register_mixer
+from .attention import RotaryHeadsConfig
+from .base import Mixer, register_mixer
 
 SIBLING_MODES = ("exact", "summary")
 
@@ -121,26 +121,23 @@ class TreeAttentionCache(LayerState):
 
 
 @dataclasses.dataclass
-class TreeMixerConfig(MixerConfig):
+class TreeMixerConfig(RotaryHeadsConfig):
     """n_heads: heads (even head width, RoPE). leaf_size: tokens per leaf (causal attention inside it);
     the number of levels follows from the input length. sibling_mode: "summary" (O(L log L)) or "exact"
     (every left-sibling token, O(L^2)). n_summary: summary tokens per left sibling; must divide leaf_size
     (checked in exact mode too, so switching modes cannot make an invalid config)."""
 
-    n_heads: int = 4
     leaf_size: int = 32
     sibling_mode: str = "summary"
     n_summary: int = 8
-    rope_base: float = 10000.0
+
+    positive_ints = ("leaf_size", "n_summary")
 
     def check(self, d_model: int) -> None:
-        check_heads(d_model, self.n_heads)
-        check_positive_int("leaf_size", self.leaf_size)
+        super().check(d_model)
         check_choice("sibling_mode", self.sibling_mode, SIBLING_MODES)
-        check_positive_int("n_summary", self.n_summary)
         if self.leaf_size % self.n_summary:
             raise config_error("n_summary", self.n_summary, f"must divide leaf_size={self.leaf_size}")
-        check_positive_float("rope_base", self.rope_base)
 
 
 @register_mixer("tree", config=TreeMixerConfig)
