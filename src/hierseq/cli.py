@@ -256,6 +256,13 @@ def cmd_bench_mamba_peer(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------- parser
+def _threads_and_out(p: argparse.ArgumentParser, out: str, func: Any) -> None:
+    """The options every training benchmark shares, and its handler."""
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=out)
+    p.set_defaults(func=func)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hierseq", description="Hierarchical sequence models, measured honestly.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,27 +338,21 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-layers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64, help="sequences per training step")
     p.add_argument("--stop-at", type=float, default=1.0, help="stop a run early once its accuracy reaches this")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default="runs/bench/recall")
-    p.set_defaults(func=cmd_bench_recall)
+    _threads_and_out(p, "runs/bench/recall", cmd_bench_recall)
 
     p = bench_sub.add_parser("signals", help="HiSS vs flat models on synthetic sensor tasks (MSE)")
     p.add_argument("--quick", action="store_true", help="smoke size: seconds, numbers meaningless")
     p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--tasks", help="comma-separated tasks (default: all)")
     p.add_argument("--models", help="comma-separated model kinds (default: all)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="runs/bench/signals")
-    p.set_defaults(func=cmd_bench_signals)
+    _threads_and_out(p, "runs/bench/signals", cmd_bench_signals)
 
     p = bench_sub.add_parser("recon", help="HAMA vs flat masked autoencoder: reconstruction and speed")
     p.add_argument("--full", action="store_true", help="longer training (default: quick)")
     p.add_argument("--seeds", help="comma-separated seeds (default 0)")
     p.add_argument("--tasks", help="comma-separated: bytes,signal (default both)")
     p.add_argument("--skip-speed", action="store_true")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default="runs/bench/recon")
-    p.set_defaults(func=cmd_bench_recon)
+    _threads_and_out(p, "runs/bench/recon", cmd_bench_recon)
 
     p = bench_sub.add_parser("mamba-peer", help="our Mamba vs PyPI mambapy (same shapes, same process)")
     p.add_argument("--length", type=int, default=2048)
