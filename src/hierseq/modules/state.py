@@ -22,7 +22,7 @@ Without either, no state is kept (``out.cache`` is None). To read a state withou
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, TypeVar
 
 import torch
@@ -44,10 +44,16 @@ def map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    found: list[torch.Tensor] = []
-    map_tensors(value, lambda t: found.append(t) or t)
-    return found
+def _iter_tensors(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor inside ``value``, walked in place (nothing is rebuilt: cheap enough per decode step)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, LayerState):
+        for f in dataclasses.fields(value):
+            yield from _iter_tensors(getattr(value, f.name))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _iter_tensors(v)
 
 
 def _count_floats(value: Any) -> int:
@@ -147,11 +153,8 @@ class DecodingState:
 
     def batch_size(self) -> int | None:
         """Rows held (None while nothing is stored)."""
-        for s in self.layers:
-            tensors = _tensors(s)
-            if tensors:
-                return tensors[0].shape[0]
-        return None
+        first = next((t for s in self.layers for t in _iter_tensors(s)), None)
+        return None if first is None else first.shape[0]
 
     def detach(self) -> DecodingState:
         """Cut the autograd graph at a batch boundary (TBPTT), in place; returns self."""
