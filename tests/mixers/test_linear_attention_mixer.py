@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from mixer_checks import assert_causal_by_perturbation, run_in_segments
 
 from hierseq.mixers.linear_attention import LinearAttention, LinearAttentionMixerConfig, RecurrentState
 
@@ -56,23 +57,12 @@ def test_prefill_steps_and_chunks_equal_one_pass() -> None:
     x = random_input(length=40)
     with torch.no_grad():
         full = mixer(x)[0]
-        state, pieces, start = None, [], 0
-        for size in (5, 1, 1, 13, 1, 2, 17):
-            y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
-            pieces.append(y)
-            start += size
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-5)
+        segmented, _ = run_in_segments(mixer, x, (5, 1, 1, 13, 1, 2, 17))
+    torch.testing.assert_close(segmented, full, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_by_perturbation() -> None:
-    mixer = make_mixer()
-    x = random_input(length=24)
-    perturbed = x.clone()
-    perturbed[:, 13:] += torch.randn(2, 11, D, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        y, y_perturbed = mixer(x)[0], mixer(perturbed)[0]
-    torch.testing.assert_close(y_perturbed[:, :13], y[:, :13], rtol=0, atol=1e-6)
-    assert (y_perturbed[:, 13:] - y[:, 13:]).abs().max() > 1e-3
+    assert_causal_by_perturbation(make_mixer(), random_input(length=24), t=13)
 
 
 def test_carried_state_with_gradients_then_detach() -> None:

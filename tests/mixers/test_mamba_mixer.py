@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from mixer_checks import run_in_segments
 
 from hierseq.mixers.mamba import Mamba, MambaMixerConfig, MambaState
 
@@ -142,12 +143,8 @@ def test_prefill_steps_and_chunks_equal_one_pass() -> None:
     x = random_input(length=40)
     with torch.no_grad():
         full = mixer(x)[0]
-        state, pieces, start = None, [], 0
-        for size in (5, 1, 1, 13, 1, 2, 17):
-            y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
-            pieces.append(y)
-            start += size
-    torch.testing.assert_close(torch.cat(pieces, 1), full, rtol=1e-4, atol=1e-4)
+        segmented, _ = run_in_segments(mixer, x, (5, 1, 1, 13, 1, 2, 17))
+    torch.testing.assert_close(segmented, full, rtol=1e-4, atol=1e-4)
 
 
 def test_state_size_is_constant_in_sequence_length() -> None:

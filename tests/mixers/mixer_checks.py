@@ -1,0 +1,31 @@
+"""Checks shared by the mixer tests: one mixer alone, through the mixer signature."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def run_in_segments(mixer: nn.Module, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, Any]:
+    """Feed x: [B, L, D] in pieces of ``sizes`` (summing to L), carrying the state; returns the outputs
+    concatenated [B, L, D] and the final state."""
+    assert sum(sizes) == x.shape[1], f"segments {list(sizes)} do not cover length {x.shape[1]}"
+    state, pieces, start = None, [], 0
+    for size in sizes:
+        y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
+        pieces.append(y)
+        start += size
+    return torch.cat(pieces, 1), state
+
+
+def assert_causal_by_perturbation(mixer: nn.Module, x: torch.Tensor, t: int, seed: int = 5) -> None:
+    """Changing the inputs from position t on leaves the outputs before t unchanged, and changes them from t on."""
+    perturbed = x.clone()
+    perturbed[:, t:] += torch.randn(x[:, t:].shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        y, y_perturbed = mixer(x)[0], mixer(perturbed)[0]
+    torch.testing.assert_close(y_perturbed[:, :t], y[:, :t], rtol=0, atol=1e-6)
+    assert (y_perturbed[:, t:] - y[:, t:]).abs().max() > 1e-3
