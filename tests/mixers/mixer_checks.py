@@ -29,3 +29,31 @@ def assert_causal_by_perturbation(mixer: nn.Module, x: torch.Tensor, t: int, see
         y, y_perturbed = mixer(x)[0], mixer(perturbed)[0]
     torch.testing.assert_close(y_perturbed[:, :t], y[:, :t], rtol=0, atol=1e-6)
     assert (y_perturbed[:, t:] - y[:, t:]).abs().max() > 1e-3
+
+
+def _state_tensors(state: Any) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    state.map(lambda t: found.append(t) or t)
+    return found
+
+
+def assert_carried_state_then_detach(mixer: nn.Module, x: torch.Tensor, split: int) -> None:
+    """TBPTT building block: two calls with the carried state equal one call on x (x: [B, L, D]); the
+    gradient flows through every tensor of the state into the first segment until ``detach()`` (in place,
+    values kept) cuts it."""
+    x = x.detach().requires_grad_()
+    first, state, _ = mixer(x[:, :split], use_cache=True)
+    second, state, _ = mixer(x[:, split:], state)
+    torch.testing.assert_close(torch.cat([first, second], 1), mixer(x)[0], rtol=1e-4, atol=1e-5)
+    assert all(t.requires_grad for t in _state_tensors(state)), "a carried state tensor has no graph"
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :split].abs().sum() > 0 and grad[:, split:].abs().sum() > 0
+
+    _, state, _ = mixer(x[:, :split], use_cache=True)
+    values = state.clone()
+    assert state.detach() is state
+    assert not any(t.requires_grad for t in _state_tensors(state)), "detach() left a graph"
+    assert all(torch.equal(a, b) for a, b in zip(_state_tensors(state), _state_tensors(values)))
+    second, _, _ = mixer(x[:, split:], state)
+    (grad,) = torch.autograd.grad(second.square().sum(), x)
+    assert grad[:, :split].abs().sum() == 0 and grad[:, split:].abs().sum() > 0

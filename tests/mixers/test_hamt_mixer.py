@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from mixer_checks import assert_causal_by_perturbation, run_in_segments
+from mixer_checks import assert_carried_state_then_detach, assert_causal_by_perturbation, run_in_segments
 
 from hierseq.mixers.hamt import HAMTMixerConfig, HolographicMemoryMixer
 from hierseq.mixers.linear_attention import RecurrentState
@@ -98,25 +98,7 @@ def test_causal_by_perturbation() -> None:
 
 
 def test_carried_state_with_gradients_then_detach() -> None:
-    # TBPTT building block: two calls with the carried state == one call on the concatenation; the
-    # gradient flows through the carried state into the first segment until the state is detached.
-    mixer = make_mixer()
-    x = random_input(length=40).requires_grad_()
-    first, state, _ = mixer(x[:, :23], use_cache=True)
-    second, state, _ = mixer(x[:, 23:], state)
-    torch.testing.assert_close(torch.cat([first, second], 1), mixer(x)[0], rtol=1e-4, atol=1e-5)
-    assert state.memory.requires_grad and state.conv.requires_grad
-    (grad,) = torch.autograd.grad(second.square().sum(), x)
-    assert grad[:, :23].abs().sum() > 0 and grad[:, 23:].abs().sum() > 0
-
-    _, state, _ = mixer(x[:, :23], use_cache=True)
-    values = state.clone()
-    detached = state.detach()
-    assert detached is state and not (state.memory.requires_grad or state.conv.requires_grad)
-    assert torch.equal(state.memory, values.memory) and torch.equal(state.conv, values.conv)
-    second, _, _ = mixer(x[:, 23:], state)
-    (grad,) = torch.autograd.grad(second.square().sum(), x)
-    assert grad[:, :23].abs().sum() == 0 and grad[:, 23:].abs().sum() > 0
+    assert_carried_state_then_detach(make_mixer(), random_input(length=40), split=23)
 
 
 def test_state_does_not_grow_with_context() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mixer_checks import assert_causal_by_perturbation, run_in_segments
+from mixer_checks import assert_carried_state_then_detach, assert_causal_by_perturbation, run_in_segments
 
 from hierseq.mixers.linear_attention import LinearAttention, LinearAttentionMixerConfig, RecurrentState
 
@@ -66,19 +66,7 @@ def test_causal_by_perturbation() -> None:
 
 
 def test_carried_state_with_gradients_then_detach() -> None:
-    mixer = make_mixer()
-    x = random_input(length=30).requires_grad_()
-    first, state, _ = mixer(x[:, :17], use_cache=True)
-    second, state, _ = mixer(x[:, 17:], state)
-    torch.testing.assert_close(torch.cat([first, second], 1), mixer(x)[0], rtol=1e-4, atol=1e-5)
-    assert state.memory.requires_grad
-    (grad,) = torch.autograd.grad(second.square().sum(), x)
-    assert grad[:, :17].abs().sum() > 0
-    _, state, _ = mixer(x[:, :17], use_cache=True)
-    assert state.detach() is state and not (state.memory.requires_grad or state.conv.requires_grad)
-    second, _, _ = mixer(x[:, 17:], state)
-    (grad,) = torch.autograd.grad(second.square().sum(), x)
-    assert grad[:, :17].abs().sum() == 0 and grad[:, 17:].abs().sum() > 0
+    assert_carried_state_then_detach(make_mixer(), random_input(length=30), split=17)
 
 
 def test_state_size_formula() -> None:
