@@ -238,20 +238,12 @@ def cmd_bench_recon(args: argparse.Namespace) -> int:
         out_dir=args.out,
         quick=not args.full,
         seeds=_split_list(args.seeds, int) or (0,),
+        steps=args.steps,
+        lengths=_split_list(args.lengths, int) or None,
         threads=args.threads,
         skip_speed=args.skip_speed,
         tasks=_split_list(args.tasks) or ("bytes", "signal"),
     )
-    return 0
-
-
-def cmd_bench_mamba_peer(args: argparse.Namespace) -> int:
-    from hierseq.bench.mamba_peer import run_generation_cost_bench, run_mamba_peer_bench
-
-    run_mamba_peer_bench(
-        out_dir=args.out, length=args.length, batch=args.batch, repeats=args.repeats, command="hierseq bench mamba-peer"
-    )
-    run_generation_cost_bench(out_dir=args.out, command="hierseq bench mamba-peer")
     return 0
 
 
@@ -261,6 +253,19 @@ def _threads_and_out(p: argparse.ArgumentParser, out: str, func: Any) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=out)
     p.set_defaults(func=func)
+
+
+def _numeric_options(p: argparse.ArgumentParser, helps: dict[str, str] | None = None, **defaults: float) -> None:
+    """One ``--flag`` per keyword, typed by its default: ``seq_len=64`` adds ``--seq-len`` (int, 64)."""
+    for name, default in defaults.items():
+        flag = "--" + name.replace("_", "-")
+        p.add_argument(flag, type=type(default), default=default, help=(helps or {}).get(name))
+
+
+def _list_options(p: argparse.ArgumentParser, **helps: str) -> None:
+    """One comma-separated ``--flag`` per keyword: ``seeds="seeds (default 0)"`` adds ``--seeds``."""
+    for name, text in helps.items():
+        p.add_argument("--" + name.replace("_", "-"), help=f"comma-separated {text}")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -301,11 +306,8 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a saved model")
     p.add_argument("model_dir")
     p.add_argument("--prompt", default="It is a truth universally acknowledged")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
+    _numeric_options(p, max_new_tokens=200, temperature=0.8, top_p=0.95, seed=0)
     p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="train the control on the embedded corpus and report (make demo)")
@@ -327,39 +329,39 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_lm)
 
     p = bench_sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy vs width")
-    p.add_argument("--models", help="comma-separated causal LMs or variants (default: hamt,linear_attn,transformer)")
-    p.add_argument("--widths", help="comma-separated d_model values (default 64)")
-    p.add_argument("--lrs", help="comma-separated learning rates to sweep (default 1e-3,3e-3)")
-    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--n-pairs", type=int, default=4, help="key-value pairs per sequence")
-    p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=64, help="sequences per training step")
-    p.add_argument("--stop-at", type=float, default=1.0, help="stop a run early once its accuracy reaches this")
+    _list_options(
+        p,
+        models="causal LMs or variants (default: hamt,linear_attn,transformer)",
+        widths="d_model values (default 64)",
+        lrs="learning rates to sweep (default 1e-3,3e-3)",
+        seeds="seeds (default 0)",
+    )
+    recall_helps = {
+        "n_pairs": "key-value pairs per sequence",
+        "batch_size": "sequences per training step",
+        "stop_at": "stop a run early once its accuracy reaches this",
+    }
+    _numeric_options(
+        p, recall_helps, seq_len=64, n_pairs=4, vocab_size=256, steps=1000, n_layers=2, batch_size=64, stop_at=1.0
+    )
     _threads_and_out(p, "runs/bench/recall", cmd_bench_recall)
 
     p = bench_sub.add_parser("signals", help="HiSS vs flat models on synthetic sensor tasks (MSE)")
     p.add_argument("--quick", action="store_true", help="smoke size: seconds, numbers meaningless")
-    p.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--tasks", help="comma-separated tasks (default: all)")
-    p.add_argument("--models", help="comma-separated model kinds (default: all)")
+    _list_options(p, seeds="seeds (default 0,1,2)", tasks="tasks (default: all)", models="model kinds (default: all)")
     _threads_and_out(p, "runs/bench/signals", cmd_bench_signals)
 
     p = bench_sub.add_parser("recon", help="HAMA vs flat masked autoencoder: reconstruction and speed")
     p.add_argument("--full", action="store_true", help="longer training (default: quick)")
-    p.add_argument("--seeds", help="comma-separated seeds (default 0)")
-    p.add_argument("--tasks", help="comma-separated: bytes,signal (default both)")
+    _list_options(
+        p,
+        seeds="seeds (default 0)",
+        tasks="tasks: bytes,signal (default both)",
+        lengths="sequence lengths of the speed part (default 1024..16384)",
+    )
+    p.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
     p.add_argument("--skip-speed", action="store_true")
     _threads_and_out(p, "runs/bench/recon", cmd_bench_recon)
-
-    p = bench_sub.add_parser("mamba-peer", help="our Mamba vs PyPI mambapy (same shapes, same process)")
-    p.add_argument("--length", type=int, default=2048)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default="runs/bench/mamba")
-    p.set_defaults(func=cmd_bench_mamba_peer)
 
     p = bench_sub.add_parser("speed", help="time and memory vs sequence length")
     p.add_argument("--out", default="runs/bench/speed")
@@ -369,11 +371,8 @@ def make_parser() -> argparse.ArgumentParser:
         "(e.g. tree,tree:sibling_mode=exact); default: every causal LM",
     )
     p.add_argument("--lengths", help="comma-separated sequence lengths (default 512..32768)")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--time-budget", type=float, default=60.0, help="seconds per model before stopping it")
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=1)
+    speed_helps = {"time_budget": "seconds per model before stopping it"}
+    _numeric_options(p, speed_helps, repeats=3, time_budget=60.0, d_model=256, n_layers=4, batch_size=1)
     p.add_argument(
         "--gen-contexts",
         default="1024,4096,16384",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -26,13 +28,15 @@ def save(model: nn.Module, directory: str | Path) -> Path:
         raise ValueError(f"model={type(model).__name__}: only registered hierseq models can be saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json() + "\n"))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json() + "\n"))
     # save_model de-duplicates tied tensors (e.g. the embedding shared with the LM head).
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_model(model, p))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_model(model, p))
     return directory
 
 
-def _atomic_write(final: Path, write) -> None:
+def atomic_write(final: Path, write: Callable[[str], Any]) -> None:
+    """Run ``write(tmp_path)`` on a temporary file beside ``final``, then rename it over ``final``: a reader
+    sees the old file or the new one, never half of one, and a failed write leaves the old file."""
     fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
     os.close(fd)
     try:

@@ -214,7 +214,8 @@ def test_fusion_queries_differ_by_position() -> None:
 
 def test_hama_block_encode_decode_shapes_and_kept_positions() -> None:
     torch.manual_seed(0)
-    block = HAMABlock(16, 2, 1, 0.0, num_nodes=2, partition_length=8, n_mask=3).eval()
+    node = BabyAutoencoder(d_model=16, n_heads=2, transformer_layers=1, dropout=0.0, n_mask=3)
+    block = HAMABlock(node, num_nodes=2, partition_length=8).eval()
     x = torch.randn(2, 20, 16)
     z, kept = block.encode(x)
     assert z.shape == (2, 5 + 5 + 1, 16) and kept.shape == (2, 11)

@@ -1,5 +1,5 @@
 """Generation cost per new token after a long context: the one measurement behind ``hierseq bench speed``
-(every causal LM of the run) and ``hierseq bench mamba-peer``.
+(every causal LM of the run).
 
 A context of C random tokens (batch 1) is prefilled with the model's cache
 (``model(ids[1, C], use_cache=True).cache``), one cached step is taken as warm-up, then ``new_tokens``

@@ -163,10 +163,8 @@ def run_lm_bench(
         "runs": runs,
         "summary": summary,
     }
-    md = _markdown(report)
-    write_report(out, "lm", report, md)
+    write_report(out, "lm", report, _markdown(report), echo=True)
     _plot_curves(runs, out / "lm_curves.png")
-    print(md)
     return report
 
 

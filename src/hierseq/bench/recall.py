@@ -18,7 +18,6 @@ and prints the table.
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import statistics
@@ -33,7 +32,7 @@ from ..config import config_error
 from ..training import TrainConfig, train
 from ..training.metrics import read_metrics
 from ..training.tasks.mqar import EVAL_SEED
-from .report import parse_model_spec, pyplot
+from .report import markdown_table, parse_model_spec, pyplot, write_report
 
 
 def _sizing(name: str, overrides: dict[str, Any], width: int, n_layers: int, vocab_size: int) -> dict[str, Any]:
@@ -252,13 +251,7 @@ def run_recall_bench(
         "summary": summary,
         "rows": rows,
     }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recall.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "recall.md").write_text(_markdown(report))
-    _plot(report, out / "recall.png")
-    print((out / "recall.md").read_text())
-    return report
+    return write_report(out_dir, "recall", report, _markdown(report), plot=lambda path: _plot(report, path), echo=True)
 
 
 def _markdown(report: dict[str, Any]) -> str:
@@ -271,17 +264,23 @@ def _markdown(report: dict[str, Any]) -> str:
         f"lrs {s['lrs']}, seeds {s['seeds']}, {s['eval_examples']} eval sequences; accuracy of the best lr "
         "(mean over seeds). State: floats per layer and sequence (attention: KV cache at L).",
         "",
-        "| model | width | accuracy | best lr | steps run (best lr) | accuracy per lr | state floats/layer | params |",
-        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in report["summary"]:
-        per_lr = ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in r["accuracy_by_lr"].items())
-        lines.append(
-            f"| {r['model']} | {r['width']} | {r['accuracy']:.4f} | {r['best_lr']:g} "
-            f"| {', '.join(map(str, r['steps_run']))} | {per_lr} "
-            f"| {r['state_floats_per_layer']} | {r['params']:,} |"
-        )
-    return "\n".join(lines) + "\n"
+    header = ["model", "width", "accuracy", "best lr", "steps run (best lr)", "accuracy per lr"]
+    header += ["state floats/layer", "params"]
+    table = [
+        [
+            r["model"],
+            r["width"],
+            f"{r['accuracy']:.4f}",
+            f"{r['best_lr']:g}",
+            ", ".join(map(str, r["steps_run"])),
+            ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in r["accuracy_by_lr"].items()),
+            r["state_floats_per_layer"],
+            f"{r['params']:,}",
+        ]
+        for r in report["summary"]
+    ]
+    return "\n".join([*lines, markdown_table(header, table)]) + "\n"
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:

@@ -14,14 +14,12 @@ is the like-for-like comparison with the flat MAE.
 Speed: forward time (median of repeats, no grad, batch 1) and peak extra memory (process RSS on CPU,
 allocator peak on CUDA) of both models from 1k to 16k tokens.
 
-Run: ``python -m hierseq.bench.recon [--full] [--seeds 0,1] [--out runs/bench/recon] [--threads 1]``
-(or through the CLI). Writes ``recon.json``, ``recon.md`` and ``recon.png`` to the output folder.
+Run: ``hierseq bench recon [--full] [--seeds 0,1] [--out runs/bench/recon] [--threads 1]``.
+Writes ``recon.json``, ``recon.md`` and ``recon.png`` to the output folder.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import platform
 import statistics
 import time
@@ -29,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .report import markdown_table, plot_scaling, pyplot, write_report
 
 QUICK = {
     "d_model": 64,
@@ -248,13 +248,7 @@ def run_recon_bench(
     report["quality"] = quality(settings, seeds, log, tuple(tasks), Path(out_dir) / "runs")
     report["speed"] = {} if skip_speed else speed(settings, log)
     report["wall_time_s"] = time.perf_counter() - t0
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recon.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "recon.md").write_text(markdown(report))
-    _plot(report, out / "recon.png")
-    print(markdown(report))
-    return report
+    return write_report(out_dir, "recon", report, markdown(report), plot=lambda path: _plot(report, path), echo=True)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -291,78 +285,32 @@ def markdown(report: dict[str, Any]) -> str:
             "masks' evaluates it on random masks of the same count, the like-for-like number.",
         ]
     if report["speed"]:
-        lines += ["", "| model | length | forward ms | µs / token | peak MiB |", "|---|---|---|---|---|"]
-        for label, rows in report["speed"].items():
-            for r in rows:
-                if r["status"] != "ok":
-                    lines.append(f"| {label} | {r['length']} | {r['status']} | | |")
-                else:
-                    lines.append(
-                        f"| {label} | {r['length']} | {1e3 * r['forward_s']:.0f} | {r['us_per_token']:.1f} "
-                        f"| {r['peak_mem_mb']:.0f} |"
-                    )
+        speed_rows = [
+            [label, r["length"], f"{1e3 * r['forward_s']:.0f}", f"{r['us_per_token']:.1f}", f"{r['peak_mem_mb']:.0f}"]
+            if r["status"] == "ok"
+            else [label, r["length"], r["status"], "", ""]
+            for label, rows in report["speed"].items()
+            for r in rows
+        ]
+        lines += ["", markdown_table(["model", "length", "forward ms", "µs / token", "peak MiB"], speed_rows)]
     return "\n".join(lines) + "\n"
 
 
 def _plot(report: dict[str, Any], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: skipping recon.png")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, tasks in report["quality"].items():
-        if "bytes" not in tasks:
-            continue
-        curve = tasks["bytes"]["runs"][0]["train_loss"]
-        axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=label)
+        if "bytes" in tasks:
+            curve = tasks["bytes"]["runs"][0]["train_loss"]
+            axes[0].plot(range(1, len(curve) + 1), curve, marker="o", label=label)
     axes[0].set_title("bytes: training loss (masked CE, seed 0), per fifth of training")
-    for label, rows in report["speed"].items():
-        ok = [r for r in rows if r["status"] == "ok"]
-        if ok:
-            xs = [r["length"] for r in ok]
-            axes[1].plot(xs, [r["forward_s"] for r in ok], marker="o", label=label)
-            axes[2].plot(xs, [max(r["peak_mem_mb"], 1e-3) for r in ok], marker="o", label=label)
-    for ax, title in ((axes[1], "forward time (s), batch 1"), (axes[2], "peak extra memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length")
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:  # a panel without curves (task or speed skipped) gets none
-            ax.legend()
+    if axes[0].get_legend_handles_labels()[0]:  # no curve when the bytes task was skipped
+        axes[0].legend()
+    speed = report["speed"]
+    plot_scaling(axes[1], speed, "length", "forward_s", "forward time (s), batch 1", "sequence length")
+    plot_scaling(axes[2], speed, "length", "peak_mem_mb", "peak extra memory (MiB)", "sequence length")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/bench/recon")
-    parser.add_argument("--full", action="store_true", help="d_model 128, 2000 steps (default: quick)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--lengths", default=None, help="comma-separated speed lengths")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--skip-speed", action="store_true")
-    parser.add_argument("--tasks", default="bytes,signal", help="comma-separated: bytes, signal")
-    args = parser.parse_args(argv)
-    run_recon_bench(
-        out_dir=args.out,
-        quick=not args.full,
-        seeds=[int(s) for s in args.seeds.split(",")],
-        steps=args.steps,
-        lengths=[int(n) for n in args.lengths.split(",")] if args.lengths else None,
-        threads=args.threads,
-        skip_speed=args.skip_speed,
-        tasks=args.tasks.split(","),
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -7,10 +7,13 @@ import datetime as _dt
 import json
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..serialization import atomic_write
 
 
 def machine_facts() -> dict[str, Any]:
@@ -30,14 +33,27 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(out_dir: str | Path, name: str, data: dict[str, Any], markdown: str) -> Path:
-    """Write ``name.json`` and ``name.md`` under ``out_dir``; returns the Markdown path."""
+def write_report(
+    out_dir: str | Path,
+    name: str,
+    data: dict[str, Any],
+    markdown: str,
+    plot: Callable[[Path], None] | None = None,
+    echo: bool = False,
+) -> dict[str, Any]:
+    """Write ``name.json`` and ``name.md`` under ``out_dir`` (each replaced atomically), then the figure
+    ``name.png`` with ``plot(path)`` when given; ``echo`` prints the Markdown. Returns ``data``, so a benchmark can end
+    with ``return write_report(...)``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
-    md_path = out / f"{name}.md"
-    md_path.write_text(markdown.rstrip() + "\n")
-    return md_path
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    atomic_write(out / f"{name}.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(out / f"{name}.md", lambda tmp: Path(tmp).write_text(markdown.rstrip() + "\n"))
+    if plot is not None:
+        plot(out / f"{name}.png")
+    if echo:
+        print(markdown.rstrip(), flush=True)
+    return data
 
 
 def pyplot():
@@ -51,6 +67,22 @@ def pyplot():
         print("matplotlib not installed: skipping plots (pip install 'hierseq[plots]')")
         return None
     return plt
+
+
+def plot_scaling(ax: Any, series: dict[str, list[dict[str, Any]]], x: str, y: str, title: str, xlabel: str) -> None:
+    """One log-log panel: per label, ``row[y]`` against ``row[x]`` over its rows with status "ok" (values
+    floored at 1e-3 so a zero memory reading stays on a log axis); a legend when any curve was drawn."""
+    for label, rows in series.items():
+        ok = [r for r in rows if r["status"] == "ok"]
+        if ok:
+            ax.plot([r[x] for r in ok], [max(r[y], 1e-3) for r in ok], marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
 
 
 def parse_model_spec(spec: str) -> tuple[str, str, dict[str, Any]]:

@@ -564,8 +564,6 @@ def run_signals_bench(
         "cpu_seconds": time.process_time() - cpu_start,
     }
     report = {"meta": meta, "rows": rows, "verdicts": verdicts(rows), "runs": runs}
-    md_path = write_report(out_dir, "signals", report, to_markdown(rows, meta))
-    plot(rows, Path(out_dir) / "signals.png")
-    if progress:
-        print(md_path.read_text(), flush=True)
-    return report
+    return write_report(
+        out_dir, "signals", report, to_markdown(rows, meta), plot=lambda path: plot(rows, path), echo=progress
+    )

@@ -11,7 +11,6 @@ Run: ``hierseq bench speed [--models a,b] [--lengths 512,1024] [--repeats 3] [--
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -22,7 +21,7 @@ import torch
 
 from .generation_cost import DEFAULT_GEN_TOKENS, check_contexts, generation_sweep
 from .peers import run_peers, select_peers
-from .report import check_model_specs, markdown_table, pyplot
+from .report import check_model_specs, markdown_table, plot_scaling, pyplot, write_report
 from .sweep import add_control_ratios, budgeted_sweep, time_call
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
@@ -167,13 +166,7 @@ def run_speed_bench(
         report["peers"] = run_peers(
             chosen_peers, configs, lengths, d_model, batch_size, repeats, device, time_budget_s, seed
         )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "speed.md").write_text(_markdown(report))
-    _plot(report, out / "speed.png")
-    print((out / "speed.md").read_text())
-    return report
+    return write_report(out_dir, "speed", report, _markdown(report), plot=lambda path: _plot(report, path), echo=True)
 
 
 def _summary(report: dict) -> list[dict]:
@@ -322,22 +315,11 @@ def _plot(report: dict, path: Path) -> None:
     if any(r["status"] == "ok" for rows in report["generation"].values() for r in rows):
         panels.append(("generation ms per new token", "context length"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4))
-    for name, rows in report["results"].items():
-        ok = [r for r in rows if r["status"] == "ok"]
-        if ok:
-            xs = [r["length"] for r in ok]
-            axes[0].plot(xs, [r["forward_backward_s"] for r in ok], marker="o", label=name)
-            axes[1].plot(xs, [max(r["peak_mem_mb"], 1e-3) for r in ok], marker="o", label=name)
-        ok = [r for r in report["generation"].get(name, []) if r["status"] == "ok"]
-        if ok and len(panels) == 3:
-            axes[2].plot([r["context"] for r in ok], [r["ms_per_token"] for r in ok], marker="o", label=name)
-    for ax, (title, xlabel) in zip(axes, panels):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+    results, generation = report["results"], report["generation"]
+    plot_scaling(axes[0], results, "length", "forward_backward_s", *panels[0])
+    plot_scaling(axes[1], results, "length", "peak_mem_mb", *panels[1])
+    if len(panels) == 3:
+        plot_scaling(axes[2], generation, "context", "ms_per_token", *panels[2])
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

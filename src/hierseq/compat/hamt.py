@@ -25,33 +25,16 @@ _RENAMED = {"hidden_dim": "d_model", "num_layers": "n_layers", "binding_type": "
 _SEED_ONLY = ("max_seq_len", "bptt_horizon")
 
 
-@dataclasses.dataclass
-class HAMTConfig:
-    """The seed's configuration, by the seed's field names; :meth:`to_model_config` maps it onto
-    :class:`HAMTLMConfig` (hidden_dim -> d_model, num_layers -> n_layers, binding_type -> binding, ...).
+#: The seed's fields, in the seed's order, with the seed's defaults (types follow the defaults).
+_SEED_DEFAULTS: dict[str, Any] = {
+    **{"vocab_size": 256, "hidden_dim": 512, "hcm_dim": 2048, "num_layers": 8, "num_slots": 8},
+    **{"binding_type": "elementwise", "key_type": "bipolar", "use_gating": True, "decay_rate": 0.95},
+    **{"aux_loss_weight": 0.01, "dropout": 0.0, "max_seq_len": 2048, "bptt_horizon": 512},
+    **{"chunk_size": 32, "conv_kernel": 4},
+}
 
-    decay_rate is the per-token retention factor (memory *= decay_rate) of the fastest slot at init.
-    ``max_seq_len`` and ``bptt_horizon`` are accepted for compatibility: the model has no length limit,
-    and the truncated-BPTT horizon is the trainer's ``seq_len`` with ``tbptt: true``.
-    The README's demo size is ``HAMTConfig(hidden_dim=256, hcm_dim=1024, num_layers=4, num_slots=8)``.
-    """
 
-    vocab_size: int = 256
-    hidden_dim: int = 512
-    hcm_dim: int = 2048
-    num_layers: int = 8
-    num_slots: int = 8
-    binding_type: str = "elementwise"
-    key_type: str = "bipolar"
-    use_gating: bool = True
-    decay_rate: float = 0.95
-    aux_loss_weight: float = 0.01
-    dropout: float = 0.0
-    max_seq_len: int = 2048
-    bptt_horizon: int = 512
-    chunk_size: int = 32
-    conv_kernel: int = 4
-
+class _SeedConfigMethods:
     def __post_init__(self) -> None:
         if self.binding_type not in _SEED_BINDINGS:
             raise config_error("binding_type", self.binding_type, f"must be one of {sorted(_SEED_BINDINGS)}")
@@ -62,6 +45,24 @@ class HAMTConfig:
     def to_model_config(self) -> HAMTLMConfig:
         values = {_RENAMED.get(k, k): v for k, v in dataclasses.asdict(self).items() if k not in _SEED_ONLY}
         return HAMTLMConfig(**{**values, "binding": _SEED_BINDINGS[self.binding_type]})
+
+
+# Built from the table so the seed's field list is written once, not as a second copy of the model's.
+HAMTConfig = dataclasses.make_dataclass(
+    "HAMTConfig",
+    [(name, type(default), dataclasses.field(default=default)) for name, default in _SEED_DEFAULTS.items()],
+    bases=(_SeedConfigMethods,),
+    namespace={"__module__": __name__},
+)
+HAMTConfig.__doc__ = """The seed's configuration, by the seed's field names (:data:`_SEED_DEFAULTS`);
+:meth:`to_model_config` maps it onto :class:`HAMTLMConfig` (hidden_dim -> d_model, num_layers -> n_layers,
+binding_type -> binding, ...).
+
+decay_rate is the per-token retention factor (memory *= decay_rate) of the fastest slot at init.
+``max_seq_len`` and ``bptt_horizon`` are accepted for compatibility: the model has no length limit,
+and the truncated-BPTT horizon is the trainer's ``seq_len`` with ``tbptt: true``.
+The README's demo size is ``HAMTConfig(hidden_dim=256, hcm_dim=1024, num_layers=4, num_slots=8)``.
+"""
 
 
 class HAMTModel(HAMTLM):

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -99,41 +100,20 @@ def _label_mask(rng: np.random.Generator, n_seq: int, n_targets: int, label_drop
     return mask
 
 
-def _check_common(n_sequences: int, length: int, chunk_size: int, noise: float, label_dropout: float) -> None:
-    check_positive_int("n_sequences", n_sequences)
-    check_positive_int("length", length)
-    check_positive_int("chunk_size", chunk_size)
-    if length < chunk_size:
-        raise config_error("length", length, f"must be >= chunk_size={chunk_size} (at least one target)")
-    if not noise >= 0:
-        raise config_error("noise", noise, "must be >= 0")
-    if not 0 <= label_dropout < 1:
-        raise config_error("label_dropout", label_dropout, "must be in [0, 1)")
-
-
-def make_imu_integration(
-    n_sequences: int,
-    length: int = 500,
-    chunk_size: int = 10,
-    seed: int = 0,
-    noise: float = 0.05,
-    label_dropout: float = 0.0,
-) -> SignalTask:
-    """Dead reckoning from a noisy planar IMU. x: [N, T, 3] (acc_fwd, acc_lat, gyro_z);
-    y: [N, T // C, 4] (px, py, vx, vy) in metres and m/s, world frame, from the start pose."""
-    _check_common(n_sequences, length, chunk_size, noise, label_dropout)
-    rng = np.random.default_rng(seed)
-    thrust = _smooth_noise(rng, (n_sequences, length, 2), corr=0.97, scale=1.0)  # body frame, m/s^2
+def _simulate_imu(rng: np.random.Generator, n: int, length: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A planar vehicle -> (sensors [N, T, 3] (acc_fwd, acc_lat, gyro_z), states [N, T, 4] (px, py, vx, vy))
+    in metres and m/s, world frame, from the start pose."""
+    thrust = _smooth_noise(rng, (n, length, 2), corr=0.97, scale=1.0)  # body frame, m/s^2
     thrust[..., 0] += 0.3  # a tendency to drive forwards
-    yaw_rate = _smooth_noise(rng, (n_sequences, length), corr=0.98, scale=0.6)  # rad/s
-    drag = rng.uniform(0.2, 0.6, size=(n_sequences, 1))  # 1/s, unobserved
+    yaw_rate = _smooth_noise(rng, (n, length), corr=0.98, scale=0.6)  # rad/s
+    drag = rng.uniform(0.2, 0.6, size=(n, 1))  # 1/s, unobserved
     heading = np.cumsum(yaw_rate, axis=1) * DT
     cos, sin = np.cos(heading), np.sin(heading)
     world_thrust = np.stack(
         (cos * thrust[..., 0] - sin * thrust[..., 1], sin * thrust[..., 0] + cos * thrust[..., 1]), axis=-1
     )
-    velocity = np.zeros((n_sequences, length, 2))
-    v = np.zeros((n_sequences, 2))
+    velocity = np.zeros((n, length, 2))
+    v = np.zeros((n, 2))
     for t in range(length):
         v = v + (world_thrust[:, t] - drag * v) * DT
         velocity[:, t] = v
@@ -143,41 +123,22 @@ def make_imu_integration(
         axis=-1,
     )
     position = np.cumsum(velocity, axis=1) * DT
-    bias = rng.normal(0.0, noise * 0.2, size=(n_sequences, 1, 3))
+    bias = rng.normal(0.0, noise * 0.2, size=(n, 1, 3))
     sensors = np.concatenate((accel_body, yaw_rate[..., None]), axis=-1)
     sensors = sensors + bias + rng.normal(0.0, noise, size=sensors.shape)
-    targets = _chunk_targets(np.concatenate((position, velocity), axis=-1), chunk_size)
-    mask = _label_mask(rng, n_sequences, targets.shape[1], label_dropout)
-    return SignalTask(
-        "imu_integration",
-        sensors.astype(np.float32),
-        targets.astype(np.float32),
-        mask,
-        chunk_size,
-        ("acc_fwd", "acc_lat", "gyro_z"),
-        ("px", "py", "vx", "vy"),
-    )
+    return sensors, np.concatenate((position, velocity), axis=-1)
 
 
-def make_hidden_dynamics(
-    n_sequences: int,
-    length: int = 500,
-    chunk_size: int = 10,
-    seed: int = 0,
-    noise: float = 0.05,
-    label_dropout: float = 0.0,
-) -> SignalTask:
-    """A forced Duffing oscillator seen through nonlinear sensors. x: [N, T, 3] (tanh(p), sin(2p), u),
-    noisy; y: [N, T // C, 2] (p, v), the hidden state."""
-    _check_common(n_sequences, length, chunk_size, noise, label_dropout)
-    rng = np.random.default_rng(seed)
-    alpha = rng.uniform(4.0, 16.0, size=n_sequences)  # stiffness: 0.3 - 0.6 Hz natural frequency
-    beta = rng.uniform(0.0, 4.0, size=n_sequences)  # hardening
-    damping = rng.uniform(0.1, 0.6, size=n_sequences)
-    forcing = _smooth_noise(rng, (n_sequences, length), corr=0.95, scale=4.0)
-    p = rng.normal(0.0, 0.5, size=n_sequences)
-    v = rng.normal(0.0, 0.5, size=n_sequences)
-    states = np.zeros((n_sequences, length, 2))
+def _simulate_duffing(rng: np.random.Generator, n: int, length: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """A forced Duffing oscillator -> (sensors [N, T, 3] (tanh(p), sin(2p), u), noisy; states [N, T, 2]
+    (p, v), the hidden state)."""
+    alpha = rng.uniform(4.0, 16.0, size=n)  # stiffness: 0.3 - 0.6 Hz natural frequency
+    beta = rng.uniform(0.0, 4.0, size=n)  # hardening
+    damping = rng.uniform(0.1, 0.6, size=n)
+    forcing = _smooth_noise(rng, (n, length), corr=0.95, scale=4.0)
+    p = rng.normal(0.0, 0.5, size=n)
+    v = rng.normal(0.0, 0.5, size=n)
+    states = np.zeros((n, length, 2))
     substeps = 4  # semi-implicit Euler with 4 sub-steps per sample keeps the stiff cases stable
     h = DT / substeps
     for t in range(length):
@@ -187,17 +148,61 @@ def make_hidden_dynamics(
         states[:, t, 0], states[:, t, 1] = p, v
     sensors = np.stack((np.tanh(states[..., 0]), np.sin(2 * states[..., 0]), forcing), axis=-1)
     sensors = sensors + rng.normal(0.0, noise, size=sensors.shape) * np.array([1.0, 1.0, 4.0])
+    return sensors, states
+
+
+Simulator = Callable[[np.random.Generator, int, int, float], tuple[np.ndarray, np.ndarray]]
+
+#: task -> (simulator(rng, n, length, noise) -> (sensors, states), input names, target names).
+_SIMULATORS: dict[str, tuple[Simulator, tuple[str, ...], tuple[str, ...]]] = {
+    "imu_integration": (_simulate_imu, ("acc_fwd", "acc_lat", "gyro_z"), ("px", "py", "vx", "vy")),
+    "hidden_dynamics": (_simulate_duffing, ("tanh_p", "sin_2p", "forcing"), ("p", "v")),
+}
+
+
+def make_signal_task(
+    name: str,
+    n_sequences: int,
+    length: int = 500,
+    chunk_size: int = 10,
+    seed: int = 0,
+    noise: float = 0.05,
+    label_dropout: float = 0.0,
+) -> SignalTask:
+    """Task ``name`` (see :data:`SIGNAL_TASKS`): ``n_sequences`` sequences of ``length`` steps from
+    ``seed``, white sensor noise of std ``noise``, one target per chunk of ``chunk_size`` steps, each
+    unlabelled with probability ``label_dropout`` (the last target of a sequence is always labelled)."""
+    if name not in _SIMULATORS:
+        raise config_error("task", name, f"must be one of {sorted(_SIMULATORS)}")
+    check_positive_int("n_sequences", n_sequences)
+    check_positive_int("length", length)
+    check_positive_int("chunk_size", chunk_size)
+    if length < chunk_size:
+        raise config_error("length", length, f"must be >= chunk_size={chunk_size} (at least one target)")
+    if not noise >= 0:
+        raise config_error("noise", noise, "must be >= 0")
+    if not 0 <= label_dropout < 1:
+        raise config_error("label_dropout", label_dropout, "must be in [0, 1)")
+    simulate, input_names, target_names = _SIMULATORS[name]
+    rng = np.random.default_rng(seed)
+    sensors, states = simulate(rng, n_sequences, length, noise)
     targets = _chunk_targets(states, chunk_size)
     mask = _label_mask(rng, n_sequences, targets.shape[1], label_dropout)
     return SignalTask(
-        "hidden_dynamics",
-        sensors.astype(np.float32),
-        targets.astype(np.float32),
-        mask,
-        chunk_size,
-        ("tanh_p", "sin_2p", "forcing"),
-        ("p", "v"),
+        name, sensors.astype(np.float32), targets.astype(np.float32), mask, chunk_size, input_names, target_names
     )
+
+
+def make_imu_integration(n_sequences: int, **options: Any) -> SignalTask:
+    """Dead reckoning from a noisy planar IMU. x: [N, T, 3] (acc_fwd, acc_lat, gyro_z);
+    y: [N, T // C, 4] (px, py, vx, vy). ``options``: those of :func:`make_signal_task`."""
+    return make_signal_task("imu_integration", n_sequences, **options)
+
+
+def make_hidden_dynamics(n_sequences: int, **options: Any) -> SignalTask:
+    """A forced Duffing oscillator seen through nonlinear sensors. x: [N, T, 3] (tanh(p), sin(2p), u);
+    y: [N, T // C, 2] (p, v). ``options``: those of :func:`make_signal_task`."""
+    return make_signal_task("hidden_dynamics", n_sequences, **options)
 
 
 def _full_chunks(x: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -256,13 +261,6 @@ SIGNAL_TASKS: dict[str, Callable[..., SignalTask]] = {
     "imu_integration": make_imu_integration,
     "hidden_dynamics": make_hidden_dynamics,
 }
-
-
-def make_signal_task(name: str, n_sequences: int, seed: int = 0, **kwargs) -> SignalTask:
-    """Build task ``name`` (see :data:`SIGNAL_TASKS`) with ``n_sequences`` sequences from ``seed``."""
-    if name not in SIGNAL_TASKS:
-        raise config_error("task", name, f"must be one of {sorted(SIGNAL_TASKS)}")
-    return SIGNAL_TASKS[name](n_sequences, seed=seed, **kwargs)
 
 
 def make_signal_splits(

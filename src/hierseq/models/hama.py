@@ -274,7 +274,7 @@ class BabyAutoencoder(nn.Module):
         norm: str = "layernorm",
     ) -> None:
         super().__init__()
-        self.n_mask = n_mask
+        self.d_model, self.n_mask = d_model, n_mask
         self.mask_strategy = mask_strategy
         self.gumbel_scale = gumbel_scale
         self.mask_seed = mask_seed
@@ -408,29 +408,14 @@ class HAMABlock(nn.Module):
     ``kept`` the positions in x of the tokens z encodes; ``decode(z [B, L', D], length=L) -> [B, L, D]``.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        n_heads: int,
-        transformer_layers: int,
-        dropout: float,
-        num_nodes: int,
-        partition_length: int,
-        n_mask: int,
-        mask_strategy: str = "learned",
-        gumbel_scale: float = 1.0,
-        mask_seed: int = 0,
-        mlp: str = "gelu",
-        norm: str = "layernorm",
-    ) -> None:
+    def __init__(self, node: BabyAutoencoder, num_nodes: int, partition_length: int) -> None:
         super().__init__()
+        n_mask, d_model = node.n_mask, node.d_model
         if n_mask >= partition_length:
             raise ValueError(f"n_mask={n_mask}: must be < partition_length={partition_length}")
         self.num_nodes, self.partition_length, self.n_mask = num_nodes, partition_length, n_mask
         self.fission = FissionModule(d_model, num_nodes, partition_length)
-        self.node = BabyAutoencoder(
-            d_model, n_heads, transformer_layers, dropout, n_mask, mask_strategy, gumbel_scale, mask_seed, mlp, norm
-        )
+        self.node = node
         self.fusion = FusionModule(d_model, num_nodes, partition_length)
 
     def geometry(self, length: int, device: torch.device | None = None) -> WindowGeometry:
@@ -495,18 +480,20 @@ class HAMA(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             HAMABlock(
-                D,
-                config.n_heads,
-                config.transformer_layers,
-                config.dropout,
+                BabyAutoencoder(
+                    D,
+                    config.n_heads,
+                    config.transformer_layers,
+                    config.dropout,
+                    n_mask,
+                    config.mask_strategy,
+                    config.gumbel_scale,
+                    config.mask_seed + i,
+                    config.mlp,
+                    config.norm,
+                ),
                 nodes,
                 partition,
-                n_mask,
-                config.mask_strategy,
-                config.gumbel_scale,
-                config.mask_seed + i,
-                config.mlp,
-                config.norm,
             )
             for i, (nodes, partition, n_mask) in enumerate(config.layer_plan())
         )

@@ -27,6 +27,8 @@ the scan fast on CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = [
@@ -36,63 +38,67 @@ __all__ = [
 ]
 
 
-def _check_shapes(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None,
-    h0: torch.Tensor | None,
-) -> None:
-    if u.dim() != 3:
-        raise ValueError(f"u: shape={tuple(u.shape)}: must be [batch, length, channels]")
-    batch, length, channels = u.shape
-    if delta.shape != u.shape:
-        raise ValueError(f"delta: shape={tuple(delta.shape)}: must equal u's shape {tuple(u.shape)}")
-    if A.dim() != 2 or A.shape[0] != channels:
-        raise ValueError(f"A: shape={tuple(A.shape)}: must be [channels={channels}, d_state]")
-    d_state = A.shape[1]
-    for name, t in (("B", B), ("C", C)):
-        if tuple(t.shape) != (batch, length, d_state):
+ScanCore = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def _scan_entry_point(core: ScanCore) -> Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
+    """Give a scan ``core(u, delta, A, B, C, h0) -> (y, h_L)`` the public signature
+    ``(u, delta, A, B, C, D=None, h0=None, return_last_state=False)``: shape checks, the skip term
+    ``D * u`` and the optional last state are the same for every path, so they live here once."""
+
+    def scan(
+        u: torch.Tensor,
+        delta: torch.Tensor,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        C: torch.Tensor,
+        D: torch.Tensor | None = None,
+        h0: torch.Tensor | None = None,
+        return_last_state: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if u.dim() != 3:
+            raise ValueError(f"u: shape={tuple(u.shape)}: must be [batch, length, channels]")
+        batch, length, channels = u.shape
+        if delta.shape != u.shape:
+            raise ValueError(f"delta: shape={tuple(delta.shape)}: must equal u's shape {tuple(u.shape)}")
+        if A.dim() != 2 or A.shape[0] != channels:
+            raise ValueError(f"A: shape={tuple(A.shape)}: must be [channels={channels}, d_state]")
+        d_state = A.shape[1]
+        for name, t in (("B", B), ("C", C)):
+            if tuple(t.shape) != (batch, length, d_state):
+                raise ValueError(
+                    f"{name}: shape={tuple(t.shape)}: must be [batch, length, d_state] = {[batch, length, d_state]}"
+                )
+        if D is not None and tuple(D.shape) != (channels,):
+            raise ValueError(f"D: shape={tuple(D.shape)}: must be [channels={channels}]")
+        if h0 is not None and tuple(h0.shape) != (batch, channels, d_state):
             raise ValueError(
-                f"{name}: shape={tuple(t.shape)}: must be [batch, length, d_state] = {[batch, length, d_state]}"
+                f"h0: shape={tuple(h0.shape)}: must be [batch, channels, d_state] = {[batch, channels, d_state]}"
             )
-    if D is not None and tuple(D.shape) != (channels,):
-        raise ValueError(f"D: shape={tuple(D.shape)}: must be [channels={channels}]")
-    if h0 is not None and tuple(h0.shape) != (batch, channels, d_state):
-        raise ValueError(
-            f"h0: shape={tuple(h0.shape)}: must be [batch, channels, d_state] = {[batch, channels, d_state]}"
-        )
+        y, last = core(u, delta, A, B, C, h0)
+        if D is not None:
+            y = y + u * D
+        return (y, last) if return_last_state else y
+
+    scan.__name__, scan.__qualname__, scan.__doc__ = core.__name__, core.__qualname__, core.__doc__
+    return scan
 
 
 # ------------------------------------------------------------------------------------ reference
+@_scan_entry_point
 def selective_scan_reference(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    h0: torch.Tensor | None = None,
-    return_last_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """The definition, one token at a time (slow; for tests and as documentation).
-
-    u, delta: [Bt, L, Di]; A: [Di, N]; B, C: [Bt, L, N]; D: [Di] or None; h0: [Bt, Di, N] or None.
-    Returns y: [Bt, L, Di] and, with ``return_last_state``, h_L: [Bt, Di, N].
-    """
-    _check_shapes(u, delta, A, B, C, D, h0)
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition, one token at a time (slow; for tests and as documentation). Called as
+    ``(u, delta, A, B, C, D=None, h0=None, return_last_state=False)``, shapes as in the module docstring;
+    returns y: [Bt, L, Di] and, with ``return_last_state``, h_L: [Bt, Di, N]."""
     batch, length, channels = u.shape
     h = u.new_zeros(batch, channels, A.shape[1]) if h0 is None else h0
     ys = []
     for t in range(length):
         y_t, h = selective_scan_step(u[:, t], delta[:, t], A, B[:, t], C[:, t], None, h)
         ys.append(y_t)
-    y = torch.stack(ys, dim=1)
-    if D is not None:
-        y = y + u * D
-    return (y, h) if return_last_state else y
+    return torch.stack(ys, dim=1), h
 
 
 def selective_scan_step(
@@ -238,25 +244,15 @@ class _SelectiveScanFn(torch.autograd.Function):
         return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0
 
 
+@_scan_entry_point
 def selective_scan(
-    u: torch.Tensor,
-    delta: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    C: torch.Tensor,
-    D: torch.Tensor | None = None,
-    h0: torch.Tensor | None = None,
-    return_last_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Fast selective scan for training and prefill; same arguments and results as the reference.
-
-    u, delta: [Bt, L, Di]; A: [Di, N]; B, C: [Bt, L, N]; D: [Di] or None; h0: [Bt, Di, N] or None.
-    Returns y: [Bt, L, Di] and, with ``return_last_state``, h_L: [Bt, Di, N] (differentiable too).
-    Memory: O(Bt * L * Di * N) for the states, like any parallel Mamba-1 scan without a fused kernel.
-    """
-    _check_shapes(u, delta, A, B, C, D, h0)
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fast selective scan for training and prefill: the arguments and results of
+    :func:`selective_scan_reference` (the last state is differentiable too). Memory: O(Bt * L * Di * N)
+    for the states, like any parallel Mamba-1 scan without a fused kernel."""
     dtype = torch.promote_types(u.dtype, A.dtype)
-    y, last = _SelectiveScanFn.apply(
+    return _SelectiveScanFn.apply(
         u.to(dtype).contiguous(),
         delta.to(dtype).contiguous(),
         A.to(dtype).contiguous(),
@@ -264,6 +260,3 @@ def selective_scan(
         C.to(dtype).contiguous(),
         None if h0 is None else h0.to(dtype).contiguous(),
     )
-    if D is not None:
-        y = y + u * D
-    return (y, last) if return_last_state else y
