@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hierseq
+from hierseq.bench.report import parse_model_spec
 from hierseq.losses import shift_for_next_token
 
 #: the i.i.d.-token check (and most others) runs with this vocabulary size.
@@ -29,14 +30,17 @@ SMALL_VOCAB = 32
 
 # ---------------------------------------------------------------------------------------- building
 def small_overrides(name: str, **extra: Any) -> dict[str, Any]:
-    """The model's own ``small_overrides()`` with ``extra`` (e.g. ``vocab_size=32``) on top."""
-    return {**hierseq.get_entry(name).config_cls.small_overrides(), **extra}
+    """The model's own ``small_overrides()``, then a variant's fields (``name`` may be a variant spec
+    ``"tree:level_mode=levelwise"``), then ``extra`` (e.g. ``vocab_size=32``) on top."""
+    _, model, variant = parse_model_spec(name)
+    return {**hierseq.get_entry(model).config_cls.small_overrides(), **variant, **extra}
 
 
 def build_small(name: str, seed: int = 0, **extra: Any) -> nn.Module:
-    """A small model ``name`` (through the registry) built under ``torch.manual_seed(seed)``, in eval mode."""
+    """A small model ``name`` (a registry name or variant spec) built under ``torch.manual_seed(seed)``,
+    in eval mode."""
     torch.manual_seed(seed)
-    return hierseq.build_model(name, **small_overrides(name, **extra)).eval()
+    return hierseq.build_model(parse_model_spec(name)[1], **small_overrides(name, **extra)).eval()
 
 
 def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:

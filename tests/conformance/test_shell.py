@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import hierseq
+from hierseq.bench.report import parse_model_spec
 from hierseq.modules.causal_lm import CausalLM
 
 from .checks import SMALL_VOCAB, assert_cached_decoding_matches, assert_causal_by_perturbation, small_overrides
@@ -21,7 +22,7 @@ SHELL = {"vocab_size": V, "d_model": 32, "n_layers": 3, "mlp": "swiglu", "norm":
 
 def _build(name: str, seed: int = 0, **extra: object) -> CausalLM:
     torch.manual_seed(seed)
-    return hierseq.build_model(name, **{**small_overrides(name), **SHELL, **extra})
+    return hierseq.build_model(parse_model_spec(name)[1], **{**small_overrides(name), **SHELL, **extra})
 
 
 def _outside_mixers(model: CausalLM) -> dict[str, torch.Tensor]:

@@ -189,7 +189,8 @@ def test_long_input_works_beyond_any_fixed_table() -> None:
 def test_seed_decoder_readme_example() -> None:
     torch.manual_seed(0)
     model = Decoder(vocab_size=100, sequence_length=64, heads=2, d_model=32, levels=3)
-    assert model.config.leaf_size == 8 and model.config.sibling_mode == "exact"
+    assert model.config.leaf_size == 8
+    assert (model.config.level_mode, model.config.sibling_mode) == ("levelwise", "summary")
     ids = torch.randint(0, 100, (3, 50))  # shorter than sequence_length and not a multiple of 8
     logits = model(ids)
     assert logits.shape == (3, 50, 100)
@@ -199,6 +200,27 @@ def test_seed_decoder_readme_example() -> None:
     assert torch.allclose(probs.sum(-1), torch.ones(3, 50), atol=1e-5)
     assert torch.allclose(probs, torch.softmax(logits.detach(), -1), atol=1e-6)
     assert isinstance(model, TreeLM) and model.config.model_type == "tree"
+
+
+def test_seed_decoder_levels_change_the_logits_with_the_same_weights() -> None:
+    """``levels`` sets the depth of the tree (via the leaf size), so with one set of weights a different
+    depth is a different function; ``sibling_mode`` is honoured too."""
+    ids = random_ids(2, 64, 100, seed=3)
+    torch.manual_seed(0)
+    reference = Decoder(vocab_size=100, sequence_length=64, heads=2, d_model=32, levels=1).eval()
+    logits = {}
+    for levels in (1, 3, 5):
+        for sibling_mode in ("summary", "exact"):
+            model = Decoder(100, 64, 2, 32, levels, sibling_mode=sibling_mode).eval()
+            model.load_state_dict(reference.state_dict())
+            with torch.no_grad():
+                logits[levels, sibling_mode] = model(ids)
+    keys = list(logits)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            # At init attention is near uniform, where pooling barely changes it: differences are small
+            # (~1e-4) but far above float noise (~1e-7).
+            assert (logits[a] - logits[b]).abs().max() > 1e-5, (a, b)
 
 
 def test_seed_decoder_levels_rule() -> None:

@@ -14,11 +14,23 @@ class Decoder(TreeLM):
     """``model(input_ids)`` returns logits [B, L, V]; ``model(input_ids, training=False)`` returns
     probabilities [B, L, V] (softmax over the vocabulary; the module's train/eval mode is not changed).
 
-    Mapping onto :class:`TreeConfig`: the seed cuts ``sequence_length`` into ``2**levels`` leaves, so
-    ``leaf_size = ceil(sequence_length / 2**levels)``; the sibling attention is "exact" as the seed
-    describes; LayerNorm and a 4x GELU MLP as in its decoder block; ``n_layers=2`` for its two
-    hierarchical-attention layers. Unlike the seed, inputs longer than ``sequence_length`` also work
-    (the tree grows), and ``hierseq.save`` / ``hierseq.load`` treat it as a ``tree`` model.
+    How the seed's arguments map onto :class:`TreeConfig`:
+
+    * ``sequence_length`` and ``levels``: the seed cuts ``sequence_length`` into ``2**levels`` leaves, so
+      ``leaf_size = ceil(sequence_length / 2**levels)`` and an input of ``sequence_length`` tokens has a
+      tree of exactly ``levels`` levels above its leaves (``levels`` changes the output). Longer inputs
+      also work: the tree grows a level each time the length doubles.
+    * the tree: ``level_mode="levelwise"``, the seed's mechanism - causal attention inside each leaf,
+      then level by level every right sibling's tokens cross-attend to their left sibling and add the
+      result (a residual), so representations are updated level by level.
+    * ``sibling_mode``: "summary" (default; the left sibling is pooled to ``n_summary`` tokens, so a layer
+      costs O(L log L)) or "exact" (every left-sibling token, the seed's O(L^2) form).
+      ``level_mode="joint"`` selects the other tree attention (one softmax over the leaf and all left
+      siblings; its exact form is dense causal attention).
+    * ``heads`` -> ``n_heads``; LayerNorm and a 4x GELU MLP as in the seed's decoder block;
+      ``n_layers=2`` for its two hierarchical-attention layers; ``n_summary`` defaults to gcd(leaf, 8).
+
+    ``hierseq.save`` / ``hierseq.load`` treat it as a ``tree`` model.
     """
 
     def __init__(
@@ -30,6 +42,9 @@ class Decoder(TreeLM):
         levels: int,
         dropout: float = 0.0,
         n_layers: int = 2,
+        sibling_mode: str = "summary",
+        level_mode: str = "levelwise",
+        n_summary: int | None = None,
     ) -> None:
         check_positive_int("sequence_length", sequence_length)
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 0:
@@ -44,8 +59,9 @@ class Decoder(TreeLM):
             dropout=dropout,
             n_heads=heads,
             leaf_size=leaf_size,
-            sibling_mode="exact",
-            n_summary=math.gcd(leaf_size, 8),
+            sibling_mode=sibling_mode,
+            level_mode=level_mode,
+            n_summary=math.gcd(leaf_size, 8) if n_summary is None else n_summary,
             mlp="gelu",
             norm="layernorm",
         )

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +73,11 @@ from ..modules.state import LayerState
 from ..ops.tree_attention import (
     attention_with_lse,
     causal_bias,
+    group_sums,
     leaf_summaries,
     merge_summaries,
+    moment_keys,
+    moment_queries,
     summary_pyramid,
     tree_levels,
 )
@@ -81,6 +85,8 @@ from .attention import RotaryHeadsConfig
 from .base import Mixer, register_mixer
 
 SIBLING_MODES = ("exact", "summary")
+LEVEL_MODES = ("joint", "levelwise")
+SUMMARY_SCORES = ("mean", "moment")
 
 
 @dataclasses.dataclass
@@ -88,31 +94,31 @@ class TreeAttentionCache(LayerState):
     """Decoding state of one :class:`TreeAttention` layer (see the module docstring).
 
     ``leaf_k``, ``leaf_v``: [B, H, r, Dh] rotated keys / values of the unfinished leaf (``r < leaf``).
-    ``slots[l]``: None, or (keys, values) [B, H, S_l, Dh] of the completed level-``l`` node that is the
-    left sibling of everything until the next level-``l`` node completes; slot ``l`` is filled exactly
-    when bit ``l`` of the number of completed leaves is set. ``S_l`` is ``n_summary`` in summary mode
-    and ``leaf * 2**l`` raw tokens in exact mode.
+    ``slots[l]``: None, or (keys, values[, squared keys]) [B, H, S_l, Dh] of the completed level-``l`` node
+    that is the left sibling of everything until the next level-``l`` node completes; slot ``l`` is
+    filled exactly when bit ``l`` of the number of completed leaves is set. ``S_l`` is ``n_summary`` in
+    summary mode and ``leaf * 2**l`` raw tokens in exact mode; the pooled squared keys are kept only
+    for ``summary_scores="moment"``.
     """
 
     length: int = 0
     leaf_k: torch.Tensor | None = None
     leaf_v: torch.Tensor | None = None
-    slots: list[tuple[torch.Tensor, torch.Tensor] | None] = dataclasses.field(default_factory=list)
+    slots: list[tuple[torch.Tensor, ...] | None] = dataclasses.field(default_factory=list)
 
-    def push_node(self, level: int, keys: torch.Tensor, values: torch.Tensor, exact: bool) -> None:
-        """Add a completed node at ``level``, carrying like binary addition: while the slot is taken,
-        the stored left sibling and the new node merge into their parent one level up."""
+    def push_node(self, level: int, node: tuple[torch.Tensor, ...], exact: bool) -> None:
+        """Add a completed node (its tensors as in ``slots``) at ``level``, carrying like binary
+        addition: while the slot is taken, the stored left sibling and the new node merge into their
+        parent one level up."""
         while level < len(self.slots) and self.slots[level] is not None:
-            left_k, left_v = self.slots[level]
+            left = self.slots[level]
             self.slots[level] = None
-            if exact:
-                keys, values = torch.cat((left_k, keys), dim=2), torch.cat((left_v, values), dim=2)
-            else:
-                keys, values = merge_summaries(left_k, keys), merge_summaries(left_v, values)
+            merge = (lambda a, b: torch.cat((a, b), dim=2)) if exact else merge_summaries
+            node = tuple(merge(a, b) for a, b in zip(left, node))
             level += 1
         while len(self.slots) <= level:
             self.slots.append(None)
-        self.slots[level] = (keys, values)
+        self.slots[level] = node
 
     def num_cached_keys(self) -> int:
         """Keys a new token would attend to besides itself (for tests of the O(log L) claim)."""
@@ -121,23 +127,60 @@ class TreeAttentionCache(LayerState):
 
 
 @dataclasses.dataclass
+class LevelwiseTreeCache(LayerState):
+    """Decoding state of a levelwise :class:`TreeAttention` layer (see "Levelwise" in the module docstring).
+
+    ``leaf_k``, ``leaf_v``: [B, H, r, Dh] the unfinished leaf, as in :class:`TreeAttentionCache`.
+    ``slots[l]``: None, or the (keys, values) of the level-``l`` left sibling, computed from the
+    representations h^(l) of its tokens: [B, H, S, Dh] pooled (summary) or [B, H, leaf * 2**l, Dh] raw.
+    ``partial[l]``: the level-``l`` node being filled: sums of its tokens' keys / values per summary group
+    ([B, H, S, Dh]), or their raw keys / values so far (exact mode). Levels 0 .. bit_length(current leaf).
+    """
+
+    length: int = 0
+    leaf_k: torch.Tensor | None = None
+    leaf_v: torch.Tensor | None = None
+    slots: list[tuple[torch.Tensor, torch.Tensor] | None] = dataclasses.field(default_factory=list)
+    partial: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
 class TreeMixerConfig(RotaryHeadsConfig):
     """n_heads: heads (even head width, RoPE). leaf_size: tokens per leaf (causal attention inside it);
     the number of levels follows from the input length. sibling_mode: "summary" (O(L log L)) or "exact"
     (every left-sibling token, O(L^2)). n_summary: summary tokens per left sibling; must divide leaf_size
-    (checked in exact mode too, so switching modes cannot make an invalid config)."""
+    (checked in exact mode too, so switching modes cannot make an invalid config). level_mode: "joint"
+    (one softmax over the leaf and every left sibling, H-Transformer-1D style) or "levelwise" (the
+    seed's tree: level by level, right siblings cross-attend to their left sibling, with a residual).
+    summary_scores: "mean" (a pooled key scores q.mean(k) + log g) or "moment" (plus the keys' variance
+    term, which removes Jensen's under-weighting; joint summary mode only)."""
 
     leaf_size: int = 32
     sibling_mode: str = "summary"
     n_summary: int = 8
+    level_mode: str = "joint"
+    summary_scores: str = "mean"
 
     positive_ints = ("leaf_size", "n_summary")
+    #: the other modes, each run through the whole conformance suite like a model of its own.
+    conformance_variants: ClassVar[tuple[dict[str, str], ...]] = (
+        {"sibling_mode": "exact"},
+        {"summary_scores": "moment"},
+        {"level_mode": "levelwise"},
+        {"level_mode": "levelwise", "sibling_mode": "exact"},
+    )
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
         check_choice("sibling_mode", self.sibling_mode, SIBLING_MODES)
+        check_choice("level_mode", self.level_mode, LEVEL_MODES)
+        check_choice("summary_scores", self.summary_scores, SUMMARY_SCORES)
         if self.leaf_size % self.n_summary:
             raise config_error("n_summary", self.n_summary, f"must divide leaf_size={self.leaf_size}")
+        if self.summary_scores == "moment" and (self.sibling_mode, self.level_mode) != ("summary", "joint"):
+            raise config_error(
+                "summary_scores", self.summary_scores, "'moment' needs sibling_mode='summary' and level_mode='joint'"
+            )
 
 
 @register_mixer("tree", config=TreeMixerConfig)
@@ -156,7 +199,13 @@ class TreeAttention(Mixer):
         self.leaf_size = cfg.leaf_size
         self.sibling_mode = cfg.sibling_mode
         self.n_summary = cfg.n_summary
+        self.levelwise = cfg.level_mode == "levelwise"
+        self.moment = cfg.summary_scores == "moment"
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        if self.levelwise:  # one cross-attention shared by every level, so any depth works
+            self.level_q = nn.Linear(d_model, d_model, bias=False)
+            self.level_kv = nn.Linear(d_model, 2 * d_model, bias=False)
+            self.level_out = nn.Linear(d_model, d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.rotary = RotaryEmbedding(self.head_dim, cfg.rope_base)
 
@@ -167,9 +216,16 @@ class TreeAttention(Mixer):
 
     def state_size(self, seq_len: int) -> int:
         n_leaves, rest = divmod(seq_len, self.leaf_size)
+        if self.exact and self.levelwise:  # raw slots (n_leaves * leaf tokens) + every level's node so far
+            levels = range(n_leaves.bit_length() + 1)
+            filling = sum(seq_len - (n_leaves >> j << j) * self.leaf_size for j in levels)
+            return 2 * self.d_model * (rest + n_leaves * self.leaf_size + filling)
         if self.exact:
             return 2 * seq_len * self.d_model
-        return 2 * self.d_model * (rest + self.n_summary * bin(n_leaves).count("1"))
+        if self.levelwise:  # filled slots, plus one node being filled per level 0 .. bit_length
+            return 2 * self.d_model * (rest + self.n_summary * (bin(n_leaves).count("1") + n_leaves.bit_length() + 1))
+        per_token = 3 if self.moment else 2  # pooled squared keys for the moment scores
+        return self.d_model * (2 * rest + per_token * self.n_summary * bin(n_leaves).count("1"))
 
     @property
     def exact(self) -> bool:
@@ -185,10 +241,14 @@ class TreeAttention(Mixer):
     ) -> tuple[torch.Tensor, TreeAttentionCache | None, None]:
         B, L, D = x.shape
         if state is None and use_cache:
-            state = TreeAttentionCache()
+            state = LevelwiseTreeCache() if self.levelwise else TreeAttentionCache()
         qkv = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, H, L, Dh]
         q, k = self.rotary(q, k, state.length if state is not None else 0)
+        if self.levelwise:
+            if state is not None and state.length > 0:
+                return self.out_proj(self._levelwise_extend(x, q, k, v, state)), state, None
+            return self.out_proj(self._levelwise_full(x, q, k, v, state)), state, None
         if state is not None and state.length > 0:
             y = self._extend_cache(q, k, v, state)
         else:
@@ -225,34 +285,36 @@ class TreeAttention(Mixer):
         value_pieces: list[torch.Tensor] = []
         bias_pieces: list[torch.Tensor] = []
         if n_levels:
-            k_pyramid = summary_pyramid(leaf_summaries(k_leaves, S), n_levels)
-            v_pyramid = summary_pyramid(leaf_summaries(v_leaves, S), n_levels)
+            sources = (k_leaves, v_leaves, k_leaves * k_leaves) if self.moment else (k_leaves, v_leaves)
+            pyramids = [summary_pyramid(leaf_summaries(t, S), n_levels) for t in sources]
             leaf_index = torch.arange(n_leaves, device=q.device)
             for level in range(n_levels):
                 ancestor = leaf_index >> level
                 is_right_child = (ancestor & 1).bool()
                 # Index 0 is a zero placeholder; left sibling (ancestor - 1) sits at index ancestor.
                 gather = torch.where(is_right_child, ancestor, torch.zeros_like(ancestor))
-                k_nodes = F.pad(k_pyramid[level], (0, 0, 0, 0, 1, 0))
-                v_nodes = F.pad(v_pyramid[level], (0, 0, 0, 0, 1, 0))
-                key_pieces.append(k_nodes.index_select(2, gather))  # [B, H, n_leaves, S, Dh]
-                value_pieces.append(v_nodes.index_select(2, gather))
+                nodes = [F.pad(p[level], (0, 0, 0, 0, 1, 0)).index_select(2, gather) for p in pyramids]
+                key_pieces.append(moment_keys(nodes[0], nodes[2]) if self.moment else nodes[0])  # [B, H, n, S, Dh]
+                value_pieces.append(nodes[1])
                 level_bias = torch.full((n_leaves,), float("-inf"), device=q.device)
                 level_bias = level_bias.masked_fill(is_right_child, self.summary_log_count(level))
                 bias_pieces.append(level_bias.view(n_leaves, 1, 1).expand(n_leaves, leaf, S))
-        key_pieces.append(k_leaves)
+        key_pieces.append(moment_keys(k_leaves, None) if self.moment else k_leaves)
         value_pieces.append(v_leaves)
         bias_pieces.append(causal_bias(leaf, torch.float32, q.device).expand(n_leaves, leaf, leaf))
-        keys = torch.cat(key_pieces, dim=3)  # [B, H, n_leaves, n_levels*S + leaf, Dh]
+        keys = torch.cat(key_pieces, dim=3)  # [B, H, n_leaves, n_levels*S + leaf, Dh (x2 for moment)]
         values = torch.cat(value_pieces, dim=3)
         bias = torch.cat(bias_pieces, dim=2).to(q.dtype)  # [n_leaves, leaf, n_levels*S + leaf]
-        n_keys = keys.shape[3]
+        n_keys, dk = keys.shape[3], keys.shape[4]
+        if self.moment:
+            q_leaves = moment_queries(q_leaves)
         # [B, H, n_leaves, ...] is contiguous, so merging (H, n_leaves) into one batch dim is a view.
         y = F.scaled_dot_product_attention(
-            q_leaves.reshape(B, H * n_leaves, leaf, dh),
-            keys.reshape(B, H * n_leaves, n_keys, dh),
+            q_leaves.reshape(B, H * n_leaves, leaf, dk),
+            keys.reshape(B, H * n_leaves, n_keys, dk),
             values.reshape(B, H * n_leaves, n_keys, dh),
             attn_mask=bias.unsqueeze(0).expand(H, -1, -1, -1).reshape(1, H * n_leaves, leaf, n_keys),
+            scale=dh**-0.5,
         )
         return y.view(B, H, n_leaves * leaf, dh)
 
@@ -303,11 +365,12 @@ class TreeAttention(Mixer):
         return attention_with_lse(q, k, v)
 
     # ----------------------------------------------------------------------------------- caching
-    def _leaf_summary(self, keys: torch.Tensor) -> torch.Tensor:
-        """A completed leaf's representation as a left sibling. keys: [B, H, leaf, Dh]."""
+    def _leaf_node(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A completed leaf as a left sibling (the tensors of a cache slot). keys, values: [B, H, leaf, Dh]."""
         if self.exact:
-            return keys
-        return leaf_summaries(keys.unsqueeze(2), self.n_summary).squeeze(2)
+            return keys, values
+        sources = (keys, values, keys * keys) if self.moment else (keys, values)
+        return tuple(leaf_summaries(t.unsqueeze(2), self.n_summary).squeeze(2) for t in sources)
 
     def _fill_cache(self, k: torch.Tensor, v: torch.Tensor, cache: TreeAttentionCache) -> None:
         """State after a prefill of positions 0 .. L-1 (k, v: [B, H, L, Dh], rotated).
@@ -332,16 +395,13 @@ class TreeAttention(Mixer):
             return
         # Same pyramid arithmetic as the batched forward, so prefill and full forward agree exactly.
         whole = (B, H, n_complete, leaf, dh)
-        k_pyramid = summary_pyramid(
-            leaf_summaries(k[:, :, : n_complete * leaf].reshape(whole), self.n_summary), n_complete.bit_length()
-        )
-        v_pyramid = summary_pyramid(
-            leaf_summaries(v[:, :, : n_complete * leaf].reshape(whole), self.n_summary), n_complete.bit_length()
-        )
+        k_done, v_done = (t[:, :, : n_complete * leaf].reshape(whole) for t in (k, v))
+        sources = (k_done, v_done, k_done * k_done) if self.moment else (k_done, v_done)
+        pyramids = [summary_pyramid(leaf_summaries(t, self.n_summary), n_complete.bit_length()) for t in sources]
         for level in range(n_complete.bit_length()):
             if n_complete >> level & 1:
                 node = (n_complete >> level) - 1
-                cache.slots[level] = (k_pyramid[level][:, :, node].clone(), v_pyramid[level][:, :, node].clone())
+                cache.slots[level] = tuple(p[level][:, :, node].clone() for p in pyramids)
 
     def _extend_cache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: TreeAttentionCache
@@ -365,7 +425,7 @@ class TreeAttention(Mixer):
             cache.leaf_v = torch.cat((cache.leaf_v, v[:, :, piece]), dim=2)
             cache.length += stop - start
             if cache.leaf_k.shape[2] == leaf:
-                cache.push_node(0, self._leaf_summary(cache.leaf_k), self._leaf_summary(cache.leaf_v), self.exact)
+                cache.push_node(0, self._leaf_node(cache.leaf_k, cache.leaf_v), self.exact)
                 cache.leaf_k = k.new_empty(k.shape[0], k.shape[1], 0, k.shape[3])
                 cache.leaf_v = v.new_empty(v.shape[0], v.shape[1], 0, v.shape[3])
             start = stop
@@ -379,16 +439,17 @@ class TreeAttention(Mixer):
         Keys, in the order of the batched forward: the occupied slots by level, then the leaf so far,
         then the piece itself under a causal mask.
         """
-        T = q.shape[2]
+        T, dh = q.shape[2], q.shape[3]
         key_pieces, value_pieces, bias_pieces = [], [], []
         for level, slot in enumerate(cache.slots):
             if slot is None:
                 continue
-            key_pieces.append(slot[0])
+            key_pieces.append(moment_keys(slot[0], slot[2]) if self.moment else slot[0])
             value_pieces.append(slot[1])
             offset = 0.0 if self.exact else self.summary_log_count(level)
             bias_pieces.append(torch.full((T, slot[0].shape[2]), offset, device=q.device))
-        key_pieces += [cache.leaf_k, k]
+        leaf_keys = torch.cat((cache.leaf_k, k), dim=2)
+        key_pieces.append(moment_keys(leaf_keys, None) if self.moment else leaf_keys)
         value_pieces += [cache.leaf_v, v]
         bias_pieces += [
             torch.zeros(T, cache.leaf_k.shape[2], device=q.device),
@@ -396,5 +457,199 @@ class TreeAttention(Mixer):
         ]
         bias = torch.cat(bias_pieces, dim=1).to(q.dtype)
         return F.scaled_dot_product_attention(
-            q, torch.cat(key_pieces, dim=2), torch.cat(value_pieces, dim=2), attn_mask=bias
+            moment_queries(q) if self.moment else q,
+            torch.cat(key_pieces, dim=2),
+            torch.cat(value_pieces, dim=2),
+            attn_mask=bias,
+            scale=dh**-0.5,
         )
+
+    # --------------------------------------------------------------------------------- levelwise
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        """[B, *G, N, H * Dh] -> [B, H, *G, N, Dh]."""
+        return t.unflatten(-1, (self.n_heads, self.head_dim)).movedim(-2, 1)
+
+    def _level_kv_of(self, z: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of representations z: [B, *G, N, D] at positions [*G, N]
+        -> each [B, H, *G, N, Dh]."""
+        keys, values = self.level_kv(F.rms_norm(z, z.shape[-1:])).chunk(2, dim=-1)
+        return self.rotary.rotate(self._heads(keys), positions), self._heads(values)
+
+    def _level_cross(
+        self, z: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The residual update of right-sibling tokens z: [B, *G, N, D] at positions [*G, N] from their
+        left sibling's keys / values [B, H, *G, S, Dh] (no mask: the left sibling is all past)."""
+        q = self.rotary.rotate(self._heads(self.level_q(F.rms_norm(z, z.shape[-1:]))), positions)
+        y = F.scaled_dot_product_attention(q.flatten(1, -3), keys.flatten(1, -3), values.flatten(1, -3))
+        return self.level_out(y.view(q.shape).movedim(1, -2).flatten(-2))
+
+    def _level_groups(self, level: int) -> int:
+        """Tokens per summary group of a level-``level`` node."""
+        return (self.leaf_size << level) // self.n_summary
+
+    def _levelwise_full(
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LevelwiseTreeCache | None
+    ) -> torch.Tensor:
+        """Levelwise mode for positions 0 .. L-1: x: [B, L, D]; q, k, v: [B, H, L, Dh] (rotated, for the
+        leaf attention) -> the mixer's update z - x: [B, L, D], before ``out_proj``. Fills ``state``."""
+        B, L, D = x.shape
+        P, H, dh = self.leaf_size, self.n_heads, self.head_dim
+        n_leaves = -(-L // P)
+        pad = n_leaves * P - L
+        if pad:  # pads go at the end, after every real token (module docstring)
+            q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))
+        leaf_view = (B, H * n_leaves, P, dh)
+        y = F.scaled_dot_product_attention(
+            q.reshape(leaf_view), k.reshape(leaf_view), v.reshape(leaf_view), is_causal=True
+        )
+        x_padded = F.pad(x, (0, 0, 0, pad))
+        z = x_padded + y.view(B, H, n_leaves * P, dh).transpose(1, 2).reshape(B, n_leaves * P, D)
+        levels = tree_levels(n_leaves)
+        top = (L // P).bit_length()  # the levels a cache tracks after L tokens: 0 .. top
+        for level in range(levels):
+            if state is not None:
+                self._capture_level(state, level, z[:, :L])
+            z = self._level_step(z, level, n_leaves)
+        if state is not None:
+            for level in range(levels, top + 1):  # nodes above the tree so far: every token is final
+                self._capture_level(state, level, z[:, :L])
+            start = (L // P) * P
+            state.length = L
+            state.leaf_k, state.leaf_v = k[:, :, start:L].clone(), v[:, :, start:L].clone()
+        return (z - x_padded)[:, :L]
+
+    def _level_step(self, z: torch.Tensor, level: int, n_leaves: int) -> torch.Tensor:
+        """One level in one batched call: z: [B, Lp, D] = h^(level) -> h^(level + 1). Sibling pairs go
+        into the batch dimension; every right child's tokens cross-attend to their left sibling (pooled
+        to n_summary tokens, or all of it) and add the result; left children pass unchanged."""
+        B, Lp, D = z.shape
+        size = self.leaf_size << level
+        n_pairs = -(-(n_leaves - (1 << level)) // (2 << level))  # pairs whose right child has begun
+        span = n_pairs * 2 * size
+        pairs = (F.pad(z, (0, 0, 0, span - Lp)) if span > Lp else z[:, :span]).view(B, n_pairs, 2, size, D)
+        positions = torch.arange(span, device=z.device).view(n_pairs, 2, size)
+        left, right = pairs[:, :, 0], pairs[:, :, 1]
+        keys, values = self._level_kv_of(left, positions[:, 0])  # [B, H, n_pairs, size, Dh]
+        if not self.exact:
+            keys, values = leaf_summaries(keys, self.n_summary), leaf_summaries(values, self.n_summary)
+        right = right + self._level_cross(right, positions[:, 1], keys, values)
+        merged = torch.stack((left, right), dim=2).view(B, span, D)
+        return merged[:, :Lp] if span >= Lp else torch.cat((merged, z[:, span:]), dim=1)
+
+    def _capture_level(self, state: LevelwiseTreeCache, level: int, z: torch.Tensor) -> None:
+        """Level ``level`` of the cache after a prefill, from the representations z = h^(level): [B, L, D]
+        of the real tokens: the left sibling of the current node (if it is a right child) and the
+        current node's tokens so far."""
+        L = z.shape[1]
+        size = self.leaf_size << level
+        node = (L // self.leaf_size) >> level
+        start = node * size
+        first = start - size if node & 1 else start
+        keys, values = self._level_kv_of(z[:, first:], torch.arange(first, L, device=z.device))
+        while len(state.slots) <= level:
+            state.slots.append(None)
+            state.partial.append(None)
+        state.slots[level] = None
+        if node & 1:  # pooled exactly as the batched forward pools it
+            left_k, left_v = keys[:, :, :size], values[:, :, :size]
+            if self.exact:
+                state.slots[level] = (left_k.clone(), left_v.clone())
+            else:
+                state.slots[level] = tuple(
+                    leaf_summaries(t.unsqueeze(2), self.n_summary).squeeze(2) for t in (left_k, left_v)
+                )
+        own_k, own_v = keys[:, :, start - first :], values[:, :, start - first :]
+        if self.exact:
+            state.partial[level] = (own_k.clone(), own_v.clone())
+        else:
+            g = self._level_groups(level)
+            state.partial[level] = (group_sums(own_k, self.n_summary, g), group_sums(own_v, self.n_summary, g))
+
+    def _levelwise_extend(
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LevelwiseTreeCache
+    ) -> torch.Tensor:
+        """New tokens after a non-empty levelwise cache, split at leaf boundaries. x: [B, T, D];
+        q, k, v: [B, H, T, Dh] -> z - x: [B, T, D]."""
+        outputs = []
+        start, T = 0, x.shape[1]
+        while start < T:
+            stop = start + min(self.leaf_size - state.length % self.leaf_size, T - start)
+            piece = slice(start, stop)
+            outputs.append(self._levelwise_piece(x[:, piece], q[:, :, piece], k[:, :, piece], v[:, :, piece], state))
+            start = stop
+        return torch.cat(outputs, dim=1)
+
+    def _levelwise_piece(
+        self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LevelwiseTreeCache
+    ) -> torch.Tensor:
+        """Tokens of one leaf: the leaf attention over the leaf so far, then, level by level, each
+        token's contribution to the node being filled (from h^(level)) and, where its ancestor is a right
+        child, the cross-attention to the stored left sibling."""
+        B, T, D = x.shape
+        first = state.length
+        leaf_index = first // self.leaf_size
+        positions = torch.arange(first, first + T, device=x.device)
+        leaf_k, leaf_v = torch.cat((state.leaf_k, k), dim=2), torch.cat((state.leaf_v, v), dim=2)
+        bias = torch.cat(
+            (torch.zeros(T, state.leaf_k.shape[2], device=x.device), causal_bias(T, torch.float32, x.device)), 1
+        )
+        y = F.scaled_dot_product_attention(q, leaf_k, leaf_v, attn_mask=bias.to(q.dtype))
+        z = x + y.transpose(1, 2).reshape(B, T, D)
+        for level in range(leaf_index.bit_length() + 1):
+            keys, values = self._level_kv_of(z, positions)
+            part_k, part_v = state.partial[level]
+            if self.exact:
+                state.partial[level] = (torch.cat((part_k, keys), dim=2), torch.cat((part_v, values), dim=2))
+            else:
+                node_start = (leaf_index >> level) * (self.leaf_size << level)
+                group = (positions - node_start) // self._level_groups(level)
+                state.partial[level] = (part_k.index_add(2, group, keys), part_v.index_add(2, group, values))
+            if leaf_index >> level & 1:
+                z = z + self._level_cross(z, positions, *state.slots[level])
+        state.leaf_k, state.leaf_v = leaf_k, leaf_v
+        state.length = first + T
+        if state.length % self.leaf_size == 0:
+            self._complete_leaf(state, leaf_index)
+            state.leaf_k, state.leaf_v = leaf_k[:, :, :0], leaf_v[:, :, :0]
+        return z - x
+
+    def _complete_leaf(self, state: LevelwiseTreeCache, leaf_index: int) -> None:
+        """Leaf ``leaf_index`` is complete: every level-j node that ends with it becomes the level-j slot
+        (a left child) or is dropped (a right child: nobody reads it), and its partial restarts. When the
+        leaf count reaches 2**M, node 0 of level M + 1 starts out holding every token so far."""
+        top = leaf_index.bit_length()
+        ending = ((leaf_index + 1) & -(leaf_index + 1)).bit_length() - 1  # trailing zeros of leaf_index + 1
+        for level in range(ending + 1):
+            done_k, done_v = state.partial[level]
+            if level == top:
+                state.slots.append(None)
+                state.partial.append(self._grown_partial(done_k, done_v))
+            if (leaf_index >> level) & 1:
+                state.slots[level] = None
+            elif self.exact:
+                state.slots[level] = (done_k, done_v)
+            else:
+                g = self._level_groups(level)
+                state.slots[level] = (done_k / g, done_v / g)
+            state.partial[level] = (
+                (done_k[:, :, :0], done_v[:, :, :0])
+                if self.exact
+                else (
+                    torch.zeros_like(done_k),
+                    torch.zeros_like(done_v),
+                )
+            )
+
+    def _grown_partial(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The partial of node 0 one level up from a complete node 0's partial: the same tokens with the
+        same representations; summary groups twice as long, so adjacent group sums add up."""
+        if self.exact:
+            return keys, values
+        S = self.n_summary
+
+        def regroup(t: torch.Tensor) -> torch.Tensor:
+            pairs = F.pad(t, (0, 0, 0, S % 2)).unflatten(2, (-1, 2)).sum(dim=3)
+            return F.pad(pairs, (0, 0, 0, S - pairs.shape[2]))
+
+        return regroup(keys), regroup(values)

@@ -80,6 +80,13 @@ class RotaryEmbedding(nn.Module):
         k_rot = k * cos + self._rotate_half(k) * sin
         return q_rot, k_rot
 
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [..., N, Dh] for arbitrary (non-contiguous) positions: [N] or broadcastable to
+        x's leading dims + [N], e.g. the two children of every sibling pair of a tree level."""
+        cos, sin = self._table(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+        cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
+        return x * cos + self._rotate_half(x) * sin
+
     @staticmethod
     def shift(x: torch.Tensor, delta: int, base: float = 10000.0) -> torch.Tensor:
         """Move already-rotated vectors x: [..., Dh] by ``delta`` positions (negative: back). The angle is

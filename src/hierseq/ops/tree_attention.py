@@ -6,7 +6,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["attention_with_lse", "causal_bias", "leaf_summaries", "merge_summaries", "summary_pyramid", "tree_levels"]
+__all__ = [
+    "attention_with_lse",
+    "causal_bias",
+    "group_sums",
+    "leaf_summaries",
+    "merge_summaries",
+    "moment_keys",
+    "moment_queries",
+    "summary_pyramid",
+    "tree_levels",
+]
 
 
 def tree_levels(n_leaves: int) -> int:
@@ -74,3 +84,34 @@ def causal_bias(size: int, dtype: torch.dtype, device: torch.device) -> torch.Te
     """[size, size] additive mask: 0 where key <= query, -inf above the diagonal."""
     upper = torch.ones(size, size, dtype=torch.bool, device=device).triu(1)
     return torch.zeros(size, size, dtype=dtype, device=device).masked_fill(upper, float("-inf"))
+
+
+def group_sums(x: torch.Tensor, n_groups: int, group_size: int) -> torch.Tensor:
+    """Sums of consecutive groups of ``group_size`` rows, the first ``n_groups`` groups (rows past the
+    end count as zeros). x: [..., N, Dh] with N <= n_groups * group_size -> [..., n_groups, Dh]. The
+    running form of :func:`leaf_summaries` for a node that is still being filled."""
+    n = x.shape[-2]
+    if n > n_groups * group_size:
+        raise ValueError(f"x: {n} rows: more than n_groups * group_size = {n_groups * group_size}")
+    padded = F.pad(x, (0, 0, 0, n_groups * group_size - n))
+    return padded.unflatten(-2, (n_groups, group_size)).sum(dim=-2)
+
+
+# The "moment" summary score. A summary token standing for g keys k_1..k_g should carry their softmax
+# mass sum_i exp(q.k_i / sqrt(d)). Scoring it q.mean(k) / sqrt(d) + log g is, by Jensen, a lower bound
+# of that mass, so pooled blocks are under-weighted against exact keys. Expanding log-mean-exp to second
+# order (exact for Gaussian keys) adds 1/2 sum_d q_d^2 var_d / d, with var_d the per-dimension variance
+# of the pooled keys. Both terms are dot products, so they fit in one attention call as [q, c q^2] .
+# [mean, var] with the scale 1/sqrt(d) and c = 1 / (2 sqrt(d)); exact keys get var = 0.
+
+
+def moment_queries(q: torch.Tensor) -> torch.Tensor:
+    """q: [..., Dh] -> [..., 2 Dh] for attention with ``scale = Dh ** -0.5`` against :func:`moment_keys`."""
+    return torch.cat((q, q * q * (0.5 * q.shape[-1] ** -0.5)), dim=-1)
+
+
+def moment_keys(mean: torch.Tensor, mean_sq: torch.Tensor | None) -> torch.Tensor:
+    """mean, mean_sq: [..., Dh] (pooled keys and pooled squared keys; None: exact keys, variance 0)
+    -> [..., 2 Dh]."""
+    var = torch.zeros_like(mean) if mean_sq is None else (mean_sq - mean * mean).clamp_min(0)
+    return torch.cat((mean, var), dim=-1)
