@@ -16,6 +16,7 @@ from ..mixers.attention import AttentionMixerConfig
 from ..mixers.base import get_mixer, resolve_mixer_config
 from ..mixers.hamt import HAMTMixerConfig
 from ..mixers.linear_attention import LinearAttentionMixerConfig
+from ..mixers.loglinear import LogLinearMixerConfig
 from ..mixers.maha import MAHAMixerConfig
 from ..mixers.mamba import MambaMixerConfig
 from ..mixers.tree import TreeMixerConfig
@@ -129,6 +130,18 @@ class LinearAttentionConfig(LinearAttentionMixerConfig, CausalLMConfig):
 
 
 @dataclass
+class LogLinearConfig(LogLinearMixerConfig, CausalLMConfig):
+    """Log-linear attention (``mixers/loglinear.py``): Fenwick-tree levels over a gated linear-attention
+    state, O(L log L) to train, O(log L) decoding state."""
+
+    mixer_name: ClassVar[str] = "loglinear"
+
+    # chunk 8 and 5 levels so the conformance lengths (45-90 tokens) span many chunks, several
+    # chunk-tree levels, and levels past the shared top weight (level 4 and up).
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "chunk_size": 8, "n_levels": 5}
+
+
+@dataclass
 class MambaConfig(MambaMixerConfig, CausalLMConfig):
     """The second control: Mamba blocks (``mixers/mamba.py``), no MLP by default as in the reference."""
 
@@ -151,3 +164,4 @@ HAMTLM = _register("hamt", HAMTLMConfig, "HAMTLM")
 MAHALM = _register("maha", MAHAConfig, "MAHALM")
 LinearAttentionLM = _register("linear_attn", LinearAttentionConfig, "LinearAttentionLM")
 MambaLM = _register("mamba", MambaConfig, "MambaLM")
+LogLinearLM = _register("loglinear", LogLinearConfig, "LogLinearLM")
