@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 
-def run_in_segments(mixer: nn.Module, x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, Any]:
+def run_in_segments(
+    mixer: nn.Module,
+    x: torch.Tensor,
+    sizes: Sequence[int],
+    on_step: Callable[[Any, Any, int], None] | None = None,
+) -> tuple[torch.Tensor, Any]:
     """Feed x: [B, L, D] in pieces of ``sizes`` (summing to L), carrying the state; returns the outputs
-    concatenated [B, L, D] and the final state."""
+    concatenated [B, L, D] and the final state. ``on_step(given, returned, tokens_so_far)`` sees the
+    state passed in and the one returned by every call."""
     assert sum(sizes) == x.shape[1], f"segments {list(sizes)} do not cover length {x.shape[1]}"
     state, pieces, start = None, [], 0
     for size in sizes:
-        y, state, _ = mixer(x[:, start : start + size], state, use_cache=True)
-        pieces.append(y)
+        y, returned, _ = mixer(x[:, start : start + size], state, use_cache=True)
         start += size
+        if on_step is not None:
+            on_step(state, returned, start)
+        state = returned
+        pieces.append(y)
     return torch.cat(pieces, 1), state
 
 

@@ -40,14 +40,14 @@ def test_signature_and_state() -> None:
 def test_step_equals_full_forward_and_state_is_constant(fields: dict) -> None:
     mixer = make_mixer(**fields)
     x = random_input(length=40)
+
+    def check(given: object, returned: RecurrentState, seen: int) -> None:
+        assert returned.num_floats() == 2 * mixer.state_size(seen)  # per batch row, from the first token
+
     with torch.no_grad():
         full, full_state, _ = mixer(x, use_cache=True)
-        state, steps = None, []
-        for t in range(40):
-            y_t, state, _ = mixer(x[:, t : t + 1], state, use_cache=True)
-            steps.append(y_t)
-            assert state.num_floats() == 2 * mixer.state_size(t + 1)  # per batch row, from the first token
-    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+        steps, state = run_in_segments(mixer, x, [1] * 40, on_step=check)
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state.memory, full_state.memory, rtol=1e-4, atol=1e-4)
     assert full_state.num_floats() == 2 * mixer.state_size(40)
 

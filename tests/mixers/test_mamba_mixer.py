@@ -112,11 +112,8 @@ def test_token_by_token_steps_equal_the_parallel_forward(scan: str) -> None:
     x = random_input(length=25)
     with torch.no_grad():
         full, full_state, _ = mixer(x, use_cache=True)
-        state, steps = None, []
-        for t in range(x.shape[1]):
-            y_t, state, _ = mixer(x[:, t : t + 1], state, use_cache=True)
-            steps.append(y_t)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-4)
+        steps, state = run_in_segments(mixer, x, [1] * x.shape[1])
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state.ssm, full_state.ssm, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(state.conv, full_state.conv, rtol=1e-5, atol=1e-6)
 

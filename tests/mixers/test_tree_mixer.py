@@ -225,7 +225,7 @@ def levelwise_reference(attn: TreeAttention, x: torch.Tensor) -> torch.Tensor:
         return (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, -1, D)
 
     q, k, v = attn.qkv(x).chunk(3, dim=-1)
-    q, k, v = attn.rotary.rotate(heads(q), positions), attn.rotary.rotate(heads(k), positions), heads(v)
+    q, k, v = attn.rotary.rotate(heads(q), positions, L), attn.rotary.rotate(heads(k), positions, L), heads(v)
     z = x.clone()
     for start in range(0, L, P):
         leaf = slice(start, min(start + P, L))
@@ -239,12 +239,12 @@ def levelwise_reference(attn: TreeAttention, x: torch.Tensor) -> torch.Tensor:
             left = slice(right_start - size, right_start)
             right = slice(right_start, min(right_start + size, L))
             lk, lv = attn.level_kv(normed[:, left]).chunk(2, dim=-1)
-            lk, lv = attn.rotary.rotate(heads(lk), positions[left]), heads(lv)
+            lk, lv = attn.rotary.rotate(heads(lk), positions[left], L), heads(lv)
             if not attn.exact:  # mean of each group of size / n_summary consecutive tokens
                 g = size // attn.n_summary
                 lk = torch.stack([lk[:, :, i : i + g].mean(2) for i in range(0, size, g)], dim=2)
                 lv = torch.stack([lv[:, :, i : i + g].mean(2) for i in range(0, size, g)], dim=2)
-            rq = attn.rotary.rotate(heads(attn.level_q(normed[:, right])), positions[right])
+            rq = attn.rotary.rotate(heads(attn.level_q(normed[:, right])), positions[right], L)
             new_z[:, right] = z[:, right] + attn.level_out(attend(rq, lk, lv, causal=False))
         z = new_z
     return attn.out_proj(z - x)

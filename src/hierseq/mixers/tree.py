@@ -365,8 +365,9 @@ class TreeAttention(Mixer):
         return attention_with_lse(q, k, v)
 
     # ----------------------------------------------------------------------------------- caching
-    def _leaf_node(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """A completed leaf as a left sibling (the tensors of a cache slot). keys, values: [B, H, leaf, Dh]."""
+    def _node_slot(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A completed node as a left sibling (the tensors of a cache slot): raw in exact mode, else pooled
+        to n_summary tokens as the batched forward pools it. keys, values: [B, H, node size, Dh]."""
         if self.exact:
             return keys, values
         sources = (keys, values, keys * keys) if self.moment else (keys, values)
@@ -425,7 +426,7 @@ class TreeAttention(Mixer):
             cache.leaf_v = torch.cat((cache.leaf_v, v[:, :, piece]), dim=2)
             cache.length += stop - start
             if cache.leaf_k.shape[2] == leaf:
-                cache.push_node(0, self._leaf_node(cache.leaf_k, cache.leaf_v), self.exact)
+                cache.push_node(0, self._node_slot(cache.leaf_k, cache.leaf_v), self.exact)
                 cache.leaf_k = k.new_empty(k.shape[0], k.shape[1], 0, k.shape[3])
                 cache.leaf_v = v.new_empty(v.shape[0], v.shape[1], 0, v.shape[3])
             start = stop
@@ -469,18 +470,18 @@ class TreeAttention(Mixer):
         """[B, *G, N, H * Dh] -> [B, H, *G, N, Dh]."""
         return t.unflatten(-1, (self.n_heads, self.head_dim)).movedim(-2, 1)
 
-    def _level_kv_of(self, z: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (rotated) and values of representations z: [B, *G, N, D] at positions [*G, N]
-        -> each [B, H, *G, N, Dh]."""
+    def _level_kv_of(self, z: torch.Tensor, positions: torch.Tensor, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (rotated) and values of representations z: [B, *G, N, D] at positions [*G, N] (all
+        < ``end``) -> each [B, H, *G, N, Dh]."""
         keys, values = self.level_kv(F.rms_norm(z, z.shape[-1:])).chunk(2, dim=-1)
-        return self.rotary.rotate(self._heads(keys), positions), self._heads(values)
+        return self.rotary.rotate(self._heads(keys), positions, end), self._heads(values)
 
     def _level_cross(
-        self, z: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, z: torch.Tensor, positions: torch.Tensor, end: int, keys: torch.Tensor, values: torch.Tensor
     ) -> torch.Tensor:
-        """The residual update of right-sibling tokens z: [B, *G, N, D] at positions [*G, N] from their
-        left sibling's keys / values [B, H, *G, S, Dh] (no mask: the left sibling is all past)."""
-        q = self.rotary.rotate(self._heads(self.level_q(F.rms_norm(z, z.shape[-1:]))), positions)
+        """The residual update of right-sibling tokens z: [B, *G, N, D] at positions [*G, N] (all < ``end``)
+        from their left sibling's keys / values [B, H, *G, S, Dh] (no mask: the left sibling is all past)."""
+        q = self.rotary.rotate(self._heads(self.level_q(F.rms_norm(z, z.shape[-1:]))), positions, end)
         y = F.scaled_dot_product_attention(q.flatten(1, -3), keys.flatten(1, -3), values.flatten(1, -3))
         return self.level_out(y.view(q.shape).movedim(1, -2).flatten(-2))
 
@@ -530,10 +531,10 @@ class TreeAttention(Mixer):
         pairs = (F.pad(z, (0, 0, 0, span - Lp)) if span > Lp else z[:, :span]).view(B, n_pairs, 2, size, D)
         positions = torch.arange(span, device=z.device).view(n_pairs, 2, size)
         left, right = pairs[:, :, 0], pairs[:, :, 1]
-        keys, values = self._level_kv_of(left, positions[:, 0])  # [B, H, n_pairs, size, Dh]
+        keys, values = self._level_kv_of(left, positions[:, 0], span)  # [B, H, n_pairs, size, Dh]
         if not self.exact:
             keys, values = leaf_summaries(keys, self.n_summary), leaf_summaries(values, self.n_summary)
-        right = right + self._level_cross(right, positions[:, 1], keys, values)
+        right = right + self._level_cross(right, positions[:, 1], span, keys, values)
         merged = torch.stack((left, right), dim=2).view(B, span, D)
         return merged[:, :Lp] if span >= Lp else torch.cat((merged, z[:, span:]), dim=1)
 
@@ -546,19 +547,13 @@ class TreeAttention(Mixer):
         node = (L // self.leaf_size) >> level
         start = node * size
         first = start - size if node & 1 else start
-        keys, values = self._level_kv_of(z[:, first:], torch.arange(first, L, device=z.device))
+        keys, values = self._level_kv_of(z[:, first:], torch.arange(first, L, device=z.device), L)
         while len(state.slots) <= level:
             state.slots.append(None)
             state.partial.append(None)
         state.slots[level] = None
-        if node & 1:  # pooled exactly as the batched forward pools it
-            left_k, left_v = keys[:, :, :size], values[:, :, :size]
-            if self.exact:
-                state.slots[level] = (left_k.clone(), left_v.clone())
-            else:
-                state.slots[level] = tuple(
-                    leaf_summaries(t.unsqueeze(2), self.n_summary).squeeze(2) for t in (left_k, left_v)
-                )
+        if node & 1:  # copies, so the cache keeps no view of the whole prefill alive
+            state.slots[level] = tuple(t.clone() for t in self._node_slot(keys[:, :, :size], values[:, :, :size]))
         own_k, own_v = keys[:, :, start - first :], values[:, :, start - first :]
         if self.exact:
             state.partial[level] = (own_k.clone(), own_v.clone())
@@ -597,7 +592,7 @@ class TreeAttention(Mixer):
         y = F.scaled_dot_product_attention(q, leaf_k, leaf_v, attn_mask=bias.to(q.dtype))
         z = x + y.transpose(1, 2).reshape(B, T, D)
         for level in range(leaf_index.bit_length() + 1):
-            keys, values = self._level_kv_of(z, positions)
+            keys, values = self._level_kv_of(z, positions, first + T)
             part_k, part_v = state.partial[level]
             if self.exact:
                 state.partial[level] = (torch.cat((part_k, keys), dim=2), torch.cat((part_v, values), dim=2))
@@ -606,7 +601,7 @@ class TreeAttention(Mixer):
                 group = (positions - node_start) // self._level_groups(level)
                 state.partial[level] = (part_k.index_add(2, group, keys), part_v.index_add(2, group, values))
             if leaf_index >> level & 1:
-                z = z + self._level_cross(z, positions, *state.slots[level])
+                z = z + self._level_cross(z, positions, first + T, *state.slots[level])
         state.leaf_k, state.leaf_v = leaf_k, leaf_v
         state.length = first + T
         if state.length % self.leaf_size == 0:

@@ -80,10 +80,11 @@ class RotaryEmbedding(nn.Module):
         k_rot = k * cos + self._rotate_half(k) * sin
         return q_rot, k_rot
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, positions: torch.Tensor, end: int) -> torch.Tensor:
         """Rotate x: [..., N, Dh] for arbitrary (non-contiguous) positions: [N] or broadcastable to
-        x's leading dims + [N], e.g. the two children of every sibling pair of a tree level."""
-        cos, sin = self._table(int(positions.max()) + 1 if positions.numel() else 1, x.device)
+        x's leading dims + [N], e.g. the two children of every sibling pair of a tree level. ``end``: an
+        int above every position; it sizes the table, so the positions are never read back to the host."""
+        cos, sin = self._table(end, x.device)
         cos, sin = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
         return x * cos + self._rotate_half(x) * sin
 

@@ -225,6 +225,14 @@ def _read_slots(q: torch.Tensor, level_weights: torch.Tensor, slots: torch.Tenso
     return (lam[..., None] * q[..., None, :]).flatten(-2) @ slots.flatten(2, 3)
 
 
+def _initial_slots(q: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None, position: int) -> torch.Tensor:
+    """``slots``, or the empty state [B, H, 0, dk, dv] at position 0 (q: [B, H, ..., dk], v: [B, H, ..., dv])."""
+    if slots is not None:
+        return slots
+    assert position == 0, f"position={position} with no state"
+    return q.new_zeros(*q.shape[:2], 0, q.shape[-1], v.shape[-1])
+
+
 def loglinear_step(
     q_t: torch.Tensor,
     k_t: torch.Tensor,
@@ -238,9 +246,7 @@ def loglinear_step(
     q_t, k_t: [B, H, dk]; v_t: [B, H, dv]; level_weights_t: [B, H, n_levels]; log_decay_t: [B, H] or None;
     slots: [B, H, bit_length(position), dk, dv]. Returns (out_t [B, H, dv], slots after the token)."""
     assert q_t.dim() == 3 and k_t.shape == q_t.shape and v_t.shape[:2] == q_t.shape[:2], "q_t, k_t, v_t: [B, H, d]"
-    if slots is None:
-        assert position == 0, f"position={position} with no state"
-        slots = q_t.new_zeros(*q_t.shape[:2], 0, q_t.shape[-1], v_t.shape[-1])
+    slots = _initial_slots(q_t, v_t, slots, position)
     assert slots.shape[2] == position.bit_length(), f"{slots.shape[2]} slots after {position} tokens"
     if log_decay_t is not None:  # the past moves one step further away
         slots = slots * torch.exp(log_decay_t)[..., None, None, None]
@@ -268,9 +274,7 @@ def loglinear_continue(
     runs the chunked path as if it started at 0; and every token of the block reads past slot m at level
     m + 1, as the block's first token does."""
     _check_shapes(q, k, v, level_weights, log_decay)
-    if slots is None:
-        assert position == 0, f"position={position} with no state"
-        slots = q.new_zeros(*q.shape[:2], 0, q.shape[-1], v.shape[-1])
+    slots = _initial_slots(q, v, slots, position)
     length, outs, start = q.shape[2], [], 0
     while start < length:
         at = position + start
