@@ -14,7 +14,6 @@ from hierseq.ops.loglinear_attention import (
     loglinear_attention_reference,
     loglinear_continue,
     loglinear_state,
-    loglinear_step,
 )
 
 N_LEVELS = 4  # 2**4 = 16 < most test lengths, so levels past the shared top weight are exercised
@@ -34,12 +33,12 @@ def _inputs(length: int, gated: bool, dtype: torch.dtype = torch.float64, seed: 
 
 
 def _steps(q, k, v, weights, log_decay) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every token through loglinear_step: (out [B, H, L, dv], final slots)."""
+    """Every token through loglinear_continue one at a time: (out [B, H, L, dv], final slots)."""
     slots, outs = None, []
     for t in range(q.shape[2]):
-        decay_t = None if log_decay is None else log_decay[:, :, t]
-        out_t, slots = loglinear_step(q[:, :, t], k[:, :, t], v[:, :, t], weights[:, :, t], decay_t, slots, t)
-        outs.append(out_t)
+        token = [None if x is None else x[:, :, t : t + 1] for x in (q, k, v, weights, log_decay)]
+        out_t, slots = loglinear_continue(*token, slots, t)
+        outs.append(out_t[:, :, 0])
     return torch.stack(outs, dim=2), slots
 
 

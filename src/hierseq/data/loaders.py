@@ -47,30 +47,71 @@ def _gather_windows(tokens: torch.Tensor, starts: torch.Tensor, length: int) -> 
     return tokens[index].long()
 
 
-class RandomWindowLoader:
+class _WindowLoader:
+    """What both loaders share: the checks, this rank's slice of the global batch, the step count,
+    iteration and the loader state (kind, step and shape; a subclass adds its own fields)."""
+
+    kind = ""
+
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
+        self.tokens = _check_tokens(tokens)
+        _check_int("batch_size", batch_size, 1)
+        _check_int("seq_len", seq_len, 1)
+        _check_ranks(batch_size, rank, world_size)
+        self.batch_size, self.seq_len = batch_size, seq_len
+        self.rank, self.world_size = rank, world_size
+        self.local_batch_size = batch_size // world_size
+        self.step = 0
+
+    def next_batch(self) -> tuple:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[tuple]:
+        while True:
+            yield self.next_batch()
+
+    def _own_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_own_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """{"kind", "step", "batch_size", "seq_len", ...}: tensors + JSON scalars, no pickle."""
+        shape = {"batch_size": self.batch_size, "seq_len": self.seq_len}
+        return {"kind": self.kind, "step": self.step, **self._own_state(), **shape}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restores a :meth:`state_dict` of a loader of the same kind, batch_size and seq_len."""
+        if state.get("kind", self.kind) != self.kind:
+            raise ValueError(f"loader state kind={state.get('kind')!r}: expected {self.kind!r}")
+        for key in ("batch_size", "seq_len"):
+            if key in state and int(state[key]) != getattr(self, key):
+                raise ValueError(f"loader state {key}={state[key]}: this loader has {key}={getattr(self, key)}")
+        self._load_own_state(state)
+        self.step = int(state["step"])
+
+
+class RandomWindowLoader(_WindowLoader):
     """Random windows: each step draws ``batch_size`` (global) window starts uniformly from a
     ``torch.Generator`` seeded with ``seed``; this rank keeps its slice of rows.
 
     ``next_batch() -> (input_ids [B / W, L], labels [B / W, L])`` (long, CPU).
     """
 
+    kind = "random"
+
     def __init__(
         self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rank: int = 0, world_size: int = 1
     ) -> None:
-        self.tokens = _check_tokens(tokens)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seq_len", seq_len, 1)
+        super().__init__(tokens, batch_size, seq_len, rank, world_size)
         _check_int("seed", seed, 0)
-        _check_ranks(batch_size, rank, world_size)
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"tokens: the split has {len(tokens)} tokens, needs at least seq_len + 1 = {seq_len + 1} for one window"
             )
-        self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
-        self.local_batch_size = batch_size // world_size
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
-        self.step = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         n_starts = len(self.tokens) - self.seq_len  # last valid start leaves room for seq_len + 1 tokens
@@ -81,37 +122,14 @@ class RandomWindowLoader:
         self.step += 1
         return shift_for_next_token(windows)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        while True:
-            yield self.next_batch()
+    def _own_state(self) -> dict[str, Any]:
+        return {"generator_state": self.generator.get_state().clone(), "seed": self.seed}
 
-    def state_dict(self) -> dict[str, Any]:
-        """{"generator_state": uint8 tensor, "step": int, ...}: tensors + JSON scalars, no pickle."""
-        return {
-            "kind": "random",
-            "generator_state": self.generator.get_state().clone(),
-            "step": self.step,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_loader_state(self, state, "random")
+    def _load_own_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator_state"].to(torch.uint8).cpu())
-        self.step = int(state["step"])
 
 
-def _check_loader_state(loader: Any, state: dict[str, Any], kind: str) -> None:
-    """A saved loader state must be of this loader's kind and shape (batch_size, seq_len)."""
-    if state.get("kind", kind) != kind:
-        raise ValueError(f"loader state kind={state.get('kind')!r}: expected {kind!r}")
-    for key in ("batch_size", "seq_len"):
-        if key in state and int(state[key]) != getattr(loader, key):
-            raise ValueError(f"loader state {key}={state[key]}: this loader has {key}={getattr(loader, key)}")
-
-
-class StreamLoader:
+class StreamLoader(_WindowLoader):
     """Contiguous streams for recurrent training with carried state (TBPTT).
 
     The tokens are cut into ``batch_size`` (global) equal contiguous streams; batch ``i`` row ``b`` is
@@ -122,14 +140,10 @@ class StreamLoader:
     the first batch and after every wrap, telling the trainer to drop the carried state.
     """
 
+    kind = "stream"
+
     def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1) -> None:
-        self.tokens = _check_tokens(tokens)
-        _check_int("batch_size", batch_size, 1)
-        _check_int("seq_len", seq_len, 1)
-        _check_ranks(batch_size, rank, world_size)
-        self.batch_size, self.seq_len = batch_size, seq_len
-        self.rank, self.world_size = rank, world_size
-        self.local_batch_size = batch_size // world_size
+        super().__init__(tokens, batch_size, seq_len, rank, world_size)
         self.stream_len = len(tokens) // batch_size
         if self.stream_len < seq_len + 1:
             raise ValueError(
@@ -141,7 +155,6 @@ class StreamLoader:
         first = rank * self.local_batch_size
         self.stream_starts = torch.arange(first, first + self.local_batch_size) * self.stream_len
         self.position = 0  # batch index within the current pass
-        self.step = 0
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         if self.position >= self.batches_per_pass:
@@ -153,23 +166,11 @@ class StreamLoader:
         input_ids, labels = shift_for_next_token(windows)
         return input_ids, labels, reset
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-        while True:
-            yield self.next_batch()
+    def _own_state(self) -> dict[str, Any]:
+        return {"position": self.position}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "kind": "stream",
-            "position": self.position,
-            "step": self.step,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        _check_loader_state(self, state, "stream")
+    def _load_own_state(self, state: dict[str, Any]) -> None:
         self.position = int(state["position"])
-        self.step = int(state["step"])
 
 
 def eval_windows(

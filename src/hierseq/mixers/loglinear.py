@@ -37,7 +37,6 @@ from ..ops.loglinear_attention import (
     loglinear_attention_chunked,
     loglinear_continue,
     loglinear_state,
-    loglinear_step,
 )
 from .base import Mixer, MixerConfig, register_mixer
 
@@ -152,10 +151,6 @@ class LogLinearAttention(Mixer):
             out = loglinear_attention_chunked(q, k, v, lam, log_decay, self.cfg.chunk_size)
             if keep:
                 slots = loglinear_state(k, v, log_decay)
-        elif x.shape[1] == 1:
-            token = [None if t is None else t[:, :, 0] for t in (q, k, v, lam, log_decay)]
-            out_t, slots = loglinear_step(*token, state.slots, state.length)
-            out = out_t[:, :, None]
         else:
             out, slots = loglinear_continue(q, k, v, lam, log_decay, state.slots, state.length, self.cfg.chunk_size)
         y = self.out_proj(self.norm(out.transpose(1, 2)).flatten(-2))

@@ -26,9 +26,9 @@ log_decay [B, H, L] (every entry <= 0) or None.
 * The decoding state after p tokens is ``slots`` [B, H, bit_length(p), dk, dv]: slot m holds the state
   (sum of k_s v_s^T, decayed to the last token seen) of the level-m node that the next query reads at
   level m + 1, zero where bit m of p is 0. Adding a node carries like binary addition (two siblings
-  merge into their parent). :func:`loglinear_state` fills it from a sequence, :func:`loglinear_step`
-  advances it by one token (O(log L) per token), and :func:`loglinear_continue` by many tokens at once
-  (aligned blocks through the chunked path), all equal to the reference.
+  merge into their parent). :func:`loglinear_state` fills it from a sequence and :func:`loglinear_continue`
+  advances it by T tokens: one token in O(log L) (the decoding step), more through aligned blocks of the
+  chunked path; all equal to the reference.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ __all__ = [
     "loglinear_attention_reference",
     "loglinear_continue",
     "loglinear_state",
-    "loglinear_step",
 ]
 
 
@@ -233,27 +232,14 @@ def _initial_slots(q: torch.Tensor, v: torch.Tensor, slots: torch.Tensor | None,
     return q.new_zeros(*q.shape[:2], 0, q.shape[-1], v.shape[-1])
 
 
-def loglinear_step(
-    q_t: torch.Tensor,
-    k_t: torch.Tensor,
-    v_t: torch.Tensor,
-    level_weights_t: torch.Tensor,
-    log_decay_t: torch.Tensor | None,
-    slots: torch.Tensor | None,
-    position: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ``position`` after ``slots`` (the state after ``position`` tokens; None when position is 0).
-    q_t, k_t: [B, H, dk]; v_t: [B, H, dv]; level_weights_t: [B, H, n_levels]; log_decay_t: [B, H] or None;
-    slots: [B, H, bit_length(position), dk, dv]. Returns (out_t [B, H, dv], slots after the token)."""
-    assert q_t.dim() == 3 and k_t.shape == q_t.shape and v_t.shape[:2] == q_t.shape[:2], "q_t, k_t, v_t: [B, H, d]"
-    slots = _initial_slots(q_t, v_t, slots, position)
-    assert slots.shape[2] == position.bit_length(), f"{slots.shape[2]} slots after {position} tokens"
-    if log_decay_t is not None:  # the past moves one step further away
-        slots = slots * torch.exp(log_decay_t)[..., None, None, None]
-    own = level_weights_t[..., :1] * (q_t * k_t).sum(-1, keepdim=True) * v_t  # level 0: the token itself
-    past = _read_slots(q_t[:, :, None], level_weights_t[:, :, None], slots)[:, :, 0]
-    node = k_t[..., :, None] * v_t[..., None, :]
-    return own + past, _push(slots, node, 0, position)
+def _one_token(q, k, v, level_weights, log_decay, slots, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`loglinear_continue` for one token (same arguments, T = 1) in O(log L), without the chunked
+    path's set-up: the decoding step."""
+    if log_decay is not None:  # the past moves one step further away
+        slots = slots * torch.exp(log_decay[:, :, 0])[..., None, None, None]
+    own = level_weights[..., :1] * (q * k).sum(-1, keepdim=True) * v  # level 0: the token itself
+    node = k[:, :, 0, :, None] * v[:, :, 0, None, :]
+    return own + _read_slots(q, level_weights, slots), _push(slots, node, 0, position)
 
 
 def loglinear_continue(
@@ -266,8 +252,10 @@ def loglinear_continue(
     position: int,
     chunk_size: int = 64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """T tokens at positions ``position`` .. ``position + T - 1`` after ``slots`` (as in
-    :func:`loglinear_step`). Returns (out [B, H, T, dv], slots after them).
+    """T tokens at positions ``position`` .. ``position + T - 1`` after ``slots``, the state after
+    ``position`` tokens [B, H, bit_length(position), dk, dv] (None when position is 0); q, k, v,
+    level_weights, log_decay as in :func:`loglinear_attention_reference`. Returns (out [B, H, T, dv],
+    slots after them).
 
     The span is cut into aligned blocks (sizes powers of two, a block of 2**m starting at a multiple of
     2**m; at most 2 log2(T) of them). Inside an aligned block levels depend only on offsets, so the block
@@ -275,6 +263,9 @@ def loglinear_continue(
     m + 1, as the block's first token does."""
     _check_shapes(q, k, v, level_weights, log_decay)
     slots = _initial_slots(q, v, slots, position)
+    assert slots.shape[2] == position.bit_length(), f"{slots.shape[2]} slots after {position} tokens"
+    if q.shape[2] == 1:
+        return _one_token(q, k, v, level_weights, log_decay, slots, position)
     length, outs, start = q.shape[2], [], 0
     while start < length:
         at = position + start
