@@ -130,12 +130,28 @@ def test_ungated_mode_has_no_gate_and_lets_the_level_weights_act_alone() -> None
     torch.testing.assert_close(lam, torch.ones_like(lam))
 
 
+@pytest.mark.parametrize("gated", [True, False], ids=["gated", "plain"])
+def test_reference_kernel_equals_the_chunked_one_in_values_and_gradients(gated: bool) -> None:
+    """kernel="reference" (the O(L^2) masked form, for the crossover benchmark) computes the same layer."""
+    chunked, reference = make_mixer(gated=gated), make_mixer(gated=gated, kernel="reference")
+    reference.load_state_dict(chunked.state_dict())
+    x = random_input(length=37).requires_grad_()
+    outs, grads = [], []
+    for mixer in (chunked, reference):
+        y, state, _ = mixer(x, use_cache=True)
+        (grad,) = torch.autograd.grad((y * torch.cos(y)).sum(), x)
+        outs.append((y, state.slots))
+        grads.append(grad)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [("n_heads", 3, "d_model=16"), ("n_heads", 0, "n_heads=0"), ("key_dim", -1, "key_dim=-1"),
      ("n_levels", 0, "n_levels=0"), ("chunk_size", 0, "chunk_size=0"),
      ("chunk_size", 24, "chunk_size=24: must be a power of two"), ("conv_kernel", 0, "conv_kernel=0"),
-     ("gated", "yes", "gated='yes'")],
+     ("gated", "yes", "gated='yes'"), ("kernel", "naive", "kernel='naive'")],
 )  # fmt: skip
 def test_config_errors(field: str, value: object, match: str) -> None:
     with pytest.raises(ValueError, match=match):

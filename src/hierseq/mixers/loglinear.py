@@ -29,12 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_divisible, config_error
+from ..config import check_choice, check_divisible, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import RMSNorm
 from ..modules.state import LayerState
 from ..ops.loglinear_attention import (
     loglinear_attention_chunked,
+    loglinear_attention_reference,
     loglinear_continue,
     loglinear_state,
 )
@@ -42,6 +43,7 @@ from .base import Mixer, MixerConfig, register_mixer
 
 # softplus(_UNIT_BIAS) == 1: the initial weight of every level.
 _UNIT_BIAS = math.log(math.e - 1.0)
+KERNELS = ("chunked", "reference")
 
 
 @dataclasses.dataclass
@@ -64,7 +66,8 @@ class LogLinearMixerConfig(MixerConfig):
     (level l >= 1 is a bucket of 2**(l-1) tokens, so 12 levels separate distances up to 2048).
     chunk_size: intra-chunk block of the parallel path, a power of two (speed only, not the result).
     conv_kernel: short causal conv on q/k/v (1 = none across time). gated: a data-dependent decay
-    (Mamba-2 style) on top of the level weights."""
+    (Mamba-2 style) on top of the level weights. kernel: "chunked" (the O(L log L) training path) or
+    "reference" (the O(L^2) masked form it equals: to benchmark the crossover, not to train with)."""
 
     n_heads: int = 4
     key_dim: int = 0
@@ -72,6 +75,7 @@ class LogLinearMixerConfig(MixerConfig):
     chunk_size: int = 64
     conv_kernel: int = 4
     gated: bool = True
+    kernel: str = "chunked"
 
     positive_ints = ("n_heads", "n_levels", "chunk_size", "conv_kernel")
     nonneg_ints = ("key_dim",)
@@ -82,6 +86,7 @@ class LogLinearMixerConfig(MixerConfig):
     def check(self, d_model: int) -> None:
         super().check(d_model)
         check_divisible("d_model", d_model, "n_heads", self.n_heads)
+        check_choice("kernel", self.kernel, KERNELS)
         if self.chunk_size & (self.chunk_size - 1):
             raise config_error("chunk_size", self.chunk_size, "must be a power of two")
 
@@ -147,7 +152,11 @@ class LogLinearAttention(Mixer):
         qkv, conv_state = self.conv(self.in_proj(x), conv_state, return_state=True)
         q, k, v, lam, log_decay = self._project(x, qkv)
         slots = None
-        if state is None:
+        if state is None and self.cfg.kernel == "reference":
+            out = loglinear_attention_reference(q, k, v, lam, log_decay)
+            if keep:
+                slots = loglinear_state(k, v, log_decay)
+        elif state is None:
             out = loglinear_attention_chunked(q, k, v, lam, log_decay, self.cfg.chunk_size)
             if keep:
                 slots = loglinear_state(k, v, log_decay)
