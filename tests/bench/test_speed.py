@@ -14,7 +14,7 @@ import hierseq
 from hierseq.bench import peers as peers_mod
 from hierseq.bench.generation_cost import check_contexts, measure_generation
 from hierseq.bench.speed import SUMMARY_LENGTHS, run_speed_bench
-from hierseq.bench.sweep import budgeted_sweep
+from hierseq.bench.sweep import budgeted_sweep, predicted_peak
 from hierseq.cli import main
 
 TINY = {"repeats": 1, "d_model": 32, "n_layers": 1, "batch_size": 1}
@@ -131,6 +131,22 @@ def test_budgeted_sweep_statuses() -> None:
     assert rows == [{"context": 1, "status": "ok"}, {"context": 2, "status": "time budget"}]
     with pytest.raises(RuntimeError, match="shape mismatch"):
         budgeted_sweep([1], lambda n: (_ for _ in ()).throw(RuntimeError("shape mismatch")), 1e9)
+
+
+def test_budgeted_sweep_skips_a_point_whose_extrapolated_peak_is_over_the_limit() -> None:
+    ran: list[int] = []
+
+    def quadratic(n: int) -> dict:  # peak grows as n**2, like a dense L x L mask
+        ran.append(n)
+        return {"status": "ok", "peak_mem_mb": float(n * n)}
+
+    rows = budgeted_sweep([1, 2, 4, 8, 16], quadratic, 1e9, memory_limit_mb=20.0)
+    # 16 MiB measured at 4; 8 extrapolates (exponent 2 from the points 2 and 4) to 64 > 20
+    assert ran == [1, 2, 4] and [r["status"] for r in rows] == ["ok"] * 3 + ["predicted oom"] * 2
+    linear = budgeted_sweep([1, 2, 4], lambda n: {"status": "ok", "peak_mem_mb": 5.0 * n}, 1e9, memory_limit_mb=20.0)
+    assert [r["status"] for r in linear] == ["ok", "ok", "ok"]  # 20 predicted at 4 (exponent 1): not over
+    assert predicted_peak([{"length": 10, "status": "ok", "peak_mem_mb": 3.0}], 20, "length", "peak_mem_mb") == 12.0
+    assert predicted_peak([], 20, "length", "peak_mem_mb") is None
 
 
 def test_peers_none_installed_is_a_one_line_cli_error(monkeypatch, capsys, tmp_path: Path) -> None:

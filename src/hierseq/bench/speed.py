@@ -22,7 +22,7 @@ import torch
 from .generation_cost import DEFAULT_GEN_TOKENS, check_contexts, generation_sweep
 from .peers import run_peers, select_peers
 from .report import check_model_specs, markdown_table, plot_scaling, pyplot, write_report
-from .sweep import add_control_ratios, budgeted_sweep, time_call
+from .sweep import add_control_ratios, available_memory_bytes, budgeted_sweep, time_call
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 #: lengths whose fwd+bwd time and memory ratios vs the transformer the summary table shows
@@ -129,11 +129,13 @@ def run_speed_bench(
         if label == name:
             configs[name] = config
         model = hierseq.build_model(name, **config).to(device)
+        free = available_memory_bytes(device)
         results[label] = budgeted_sweep(
             lengths,
             lambda n, model=model: measure(model, n, batch_size, repeats, device),
             time_budget_s,
             desc=f"speed {label}",
+            memory_limit_mb=None if free is None else 0.8 * free / 2**20,
         )
         if gen_contexts:
             generation[label] = generation_sweep(

@@ -4,6 +4,7 @@ as a row status instead of crashing the whole run."""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 
@@ -41,22 +42,59 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: free CUDA memory on GPU, ``MemAvailable`` on Linux CPU,
+    None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def predicted_peak(rows: Sequence[dict], point: int, key: str, mem_key: str) -> float | None:
+    """Peak memory at ``point`` extrapolated from the ok rows measured so far: a power law through the
+    last two (its exponent clamped to [1, 2]), or quadratic growth from a single one. None before any."""
+    done = [(r[key], r[mem_key]) for r in rows if r.get("status") == "ok" and r.get(mem_key, 0) > 0]
+    if not done:
+        return None
+    (p1, m1), exponent = done[-1], 2.0
+    if len(done) >= 2 and done[-2][0] < p1:
+        p0, m0 = done[-2]
+        exponent = min(2.0, max(1.0, math.log(m1 / m0) / math.log(p1 / p0)))
+    return m1 * (point / p1) ** exponent
+
+
 def budgeted_sweep(
     points: Sequence[int],
     measure: Callable[[int], dict],
     time_budget_s: float,
     key: str = "length",
     desc: str | None = None,
+    memory_limit_mb: float | None = None,
+    mem_key: str = "peak_mem_mb",
 ) -> list[dict]:
     """Run ``measure(point)`` for each point in order; each call returns a row dict.
 
     After an out-of-memory error the row says ``status: "oom"`` and every later (larger) point is
     recorded with the same status without running it; once the calls together took more than
-    ``time_budget_s`` seconds the later points get ``status: "time budget"``. Every row carries
+    ``time_budget_s`` seconds the later points get ``status: "time budget"``. With ``memory_limit_mb``
+    a point whose extrapolated peak (:func:`predicted_peak` over the rows' ``mem_key``) exceeds it is
+    not run and gets ``status: "predicted oom"``, as do the later ones: on CPU an allocation past the
+    machine's memory is not an error but a kill of the whole process by the kernel. Every row carries
     ``{key: point}``. Errors other than out-of-memory propagate."""
     rows: list[dict] = []
     spent, stopped = 0.0, None
     for point in tqdm(points, desc=desc, leave=False, disable=desc is None):
+        if not stopped and memory_limit_mb is not None:
+            guess = predicted_peak(rows, point, key, mem_key)
+            if guess is not None and guess > memory_limit_mb:
+                stopped = "predicted oom"
         if stopped:
             rows.append({key: point, "status": stopped})
             continue
