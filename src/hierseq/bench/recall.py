@@ -9,7 +9,7 @@ model and width, the best learning rate's accuracy (mean over seeds), as in Zool
 recurrent state size per layer (floats per sequence; for attention the KV cache at ``seq_len``).
 
 Model specs are registry names with optional overrides: ``hamt``, ``hamt:binding=circular``,
-``linear_attn:n_heads=1,key_dim=64`` (values parsed as YAML scalars).
+``linear_attn:n_heads=1+key_dim=64`` (values parsed as YAML scalars).
 
 Python: ``run_recall_bench(out_dir, models, widths, seq_len, n_pairs, vocab_size, lrs, steps, seeds)``;
 writes ``recall.json`` and ``recall.md`` under ``out_dir`` (and every run's folder under ``out_dir/runs/``)
