@@ -1,4 +1,5 @@
-"""Peak memory of a piece of work: CUDA allocator counters on GPU, sampled process RSS on CPU."""
+"""Memory facts for the benchmarks: peak memory of a piece of work (CUDA allocator counters on GPU,
+sampled process RSS on CPU) and the memory a new allocation can still get."""
 
 from __future__ import annotations
 
@@ -21,6 +22,21 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:
         return 0
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation can still get: free CUDA memory on GPU, ``MemAvailable`` on Linux CPU,
+    None where neither can be read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def return_freed_memory_to_os() -> None:

@@ -20,9 +20,10 @@ from pathlib import Path
 import torch
 
 from .generation_cost import DEFAULT_GEN_TOKENS, check_contexts, generation_sweep
+from .memory import available_memory_bytes, peak_memory
 from .peers import run_peers, select_peers
 from .report import check_model_specs, markdown_table, plot_scaling, pyplot, write_report
-from .sweep import add_control_ratios, available_memory_bytes, budgeted_sweep, time_call
+from .sweep import add_control_ratios, budgeted_sweep, time_call
 
 DEFAULT_LENGTHS = [512, 1024, 2048, 4096, 8192, 16384, 32768]
 #: lengths whose fwd+bwd time and memory ratios vs the transformer the summary table shows
@@ -44,8 +45,6 @@ def _model_overrides(name: str, d_model: int, n_layers: int) -> dict:
 
 def measure(model, length: int, batch_size: int, repeats: int, device: torch.device) -> dict:
     """Median forward and forward+backward seconds, and peak extra memory of one fwd+bwd."""
-    from .memory import peak_memory
-
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, length), device=device)
 

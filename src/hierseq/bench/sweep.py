@@ -42,21 +42,6 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error).lower())
 
 
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Memory a new allocation can still get: free CUDA memory on GPU, ``MemAvailable`` on Linux CPU,
-    None where neither can be read."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def predicted_peak(rows: Sequence[dict], point: int, key: str, mem_key: str) -> float | None:
     """Peak memory at ``point`` extrapolated from the ok rows measured so far: a power law through the
     last two (its exponent clamped to [1, 2]), or quadratic growth from a single one. None before any."""
