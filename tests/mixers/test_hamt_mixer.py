@@ -10,7 +10,7 @@ import torch
 from mixer_checks import assert_carried_state_then_detach, assert_causal_by_perturbation, run_in_segments
 
 from hierseq.mixers.hamt import HAMTMixerConfig, HolographicMemoryMixer
-from hierseq.mixers.linear_attention import RecurrentState
+from hierseq.modules.state import RecurrentState
 
 D = 16
 CONFIGS = [

@@ -7,7 +7,8 @@ import pytest
 import torch
 from mixer_checks import assert_carried_state_then_detach, assert_causal_by_perturbation, run_in_segments
 
-from hierseq.mixers.linear_attention import LinearAttention, LinearAttentionMixerConfig, RecurrentState
+from hierseq.mixers.linear_attention import LinearAttention, LinearAttentionMixerConfig
+from hierseq.modules.state import RecurrentState
 
 D = 16
 

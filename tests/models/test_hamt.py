@@ -14,9 +14,8 @@ import torch
 import hierseq
 from hierseq.compat.hamt import HAMTConfig, HAMTModel
 from hierseq.mixers.hamt import HolographicMemoryMixer
-from hierseq.mixers.linear_attention import RecurrentState
 from hierseq.models.causal_lms import HAMTLM, HAMTLMConfig
-from hierseq.modules.state import DecodingState
+from hierseq.modules.state import DecodingState, RecurrentState
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shared conformance checks
 from conformance import checks  # noqa: E402

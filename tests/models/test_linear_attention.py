@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import hierseq
-from hierseq.mixers.linear_attention import LinearAttention, RecurrentState
+from hierseq.mixers.linear_attention import LinearAttention
 from hierseq.models.causal_lms import LinearAttentionConfig
-from hierseq.modules.state import DecodingState
+from hierseq.modules.state import DecodingState, RecurrentState
 
 
 def test_model_step_equals_full_forward_and_state_is_constant() -> None:

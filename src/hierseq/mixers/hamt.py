@@ -48,10 +48,10 @@ from torch import nn
 from ..config import check_bool, check_choice, check_nonneg_int, check_positive_int, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import RMSNorm
+from ..modules.state import RecurrentState
 from ..ops.slot_memory import slot_memory_chunked, slot_memory_step
 from ..ops.vsa import BINDINGS, KEY_TYPES, bind, make_key, unbind
 from .base import Mixer, MixerConfig, register_mixer
-from .linear_attention import RecurrentState
 
 
 @dataclasses.dataclass

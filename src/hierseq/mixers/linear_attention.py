@@ -18,17 +18,9 @@ from torch import nn
 
 from ..config import check_divisible
 from ..modules.causal_conv import CausalDepthwiseConv1d
-from ..modules.state import LayerState
+from ..modules.state import RecurrentState
 from ..ops.linear_attention import linear_attention_chunked, linear_attention_step
 from .base import Mixer, MixerConfig, register_mixer
-
-
-@dataclasses.dataclass
-class RecurrentState(LayerState):
-    """A conv window [B, C, K-1] and a fixed-size memory [B, ...]: the state of the memory mixers."""
-
-    conv: torch.Tensor
-    memory: torch.Tensor
 
 
 @dataclasses.dataclass

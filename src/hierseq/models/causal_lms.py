@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from ..config import LMConfig, config_error
 from ..mixers.attention import AttentionMixerConfig
 from ..mixers.base import get_mixer, resolve_mixer_config
+from ..mixers.gated_deltanet import GatedDeltaNetMixerConfig
 from ..mixers.hamt import HAMTMixerConfig
 from ..mixers.linear_attention import LinearAttentionMixerConfig
 from ..mixers.loglinear import LogLinearMixerConfig
@@ -151,6 +152,17 @@ class MambaConfig(MambaMixerConfig, CausalLMConfig):
     small_mixer: ClassVar[dict[str, Any]] = {"d_state": 8}
 
 
+@dataclass
+class GatedDeltaNetConfig(GatedDeltaNetMixerConfig, CausalLMConfig):
+    """Gated DeltaNet (``mixers/gated_deltanet.py``): the delta-rule recurrent control, chunked WY/UT
+    training, O(1) decoding state."""
+
+    mixer_name: ClassVar[str] = "gated_deltanet"
+
+    # chunk 16 so the conformance lengths (45, 80 tokens) cross several chunks and a partial last one.
+    small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "chunk_size": 16}
+
+
 def _register(name: str, config: type[CausalLMConfig], class_name: str) -> type[MixerLM]:
     """Register model ``name``: the shell over the mixers ``config`` names (a class of its own, so a
     loaded model's type says what it is)."""
@@ -165,3 +177,4 @@ MAHALM = _register("maha", MAHAConfig, "MAHALM")
 LinearAttentionLM = _register("linear_attn", LinearAttentionConfig, "LinearAttentionLM")
 MambaLM = _register("mamba", MambaConfig, "MambaLM")
 LogLinearLM = _register("loglinear", LogLinearConfig, "LogLinearLM")
+GatedDeltaNetLM = _register("gated_deltanet", GatedDeltaNetConfig, "GatedDeltaNetLM")

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-__all__ = ["DecodingState", "LayerState", "map_tensors"]
+__all__ = ["DecodingState", "LayerState", "RecurrentState", "map_tensors"]
 
 S = TypeVar("S", bound="LayerState")
 _LAYER_STATE_TYPES: dict[str, type[LayerState]] = {}
@@ -135,6 +135,19 @@ class LayerState:
             raise ValueError(f"state: {name!r}: not a registered layer-state type (is its mixer imported?)")
         fields = {k: _from_plain(v, device) for k, v in state["fields"].items()}
         return _LAYER_STATE_TYPES[name](**fields)
+
+
+@dataclasses.dataclass
+class RecurrentState(LayerState):
+    """A conv window [B, C, K-1] and a fixed-size memory [B, ...]: the state of the memory mixers
+    (linear attention, hamt, gated_deltanet)."""
+
+    conv: torch.Tensor
+    memory: torch.Tensor
+
+
+# Checkpoints written before this class moved here name it by its old module.
+_LAYER_STATE_TYPES["hierseq.mixers.linear_attention.RecurrentState"] = RecurrentState
 
 
 class DecodingState:
