@@ -23,6 +23,7 @@ schedule a mixer reads its fields from the model config where the names exist, a
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ __all__ = [
     "Mixer",
     "MixerConfig",
     "get_mixer",
+    "init_decay_rates",
     "register_mixer",
     "resolve_mixer_config",
 ]
@@ -94,6 +96,23 @@ class Mixer(nn.Module):
     def tbptt_refusal(self) -> str | None:
         """Why this mixer cannot carry its state across truncated-BPTT segments (None: it can)."""
         return None
+
+
+def init_decay_rates(
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    a_range: tuple[float, float] = (1.0, 16.0),
+    dt_range: tuple[float, float] = (1e-3, 1e-1),
+    dt_floor: float = 1e-4,
+) -> None:
+    """The Mamba-2 init of a per-head decay log a = -exp(A_log) * softplus(. + dt_bias), in place:
+    A uniform in ``a_range`` and dt log-uniform in ``dt_range`` (floored), so the initial half-lives
+    span a few to a few hundred tokens. A_log, dt_bias: [H]."""
+    with torch.no_grad():
+        A_log.copy_(torch.empty_like(A_log).uniform_(*a_range).log())
+        log_lo, log_hi = math.log(dt_range[0]), math.log(dt_range[1])
+        dt = torch.exp(torch.empty_like(dt_bias).uniform_(log_lo, log_hi)).clamp(min=dt_floor)
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
 
 
 MIXERS: dict[str, type[Mixer]] = {}

@@ -22,7 +22,6 @@ the memory [B, H, dk, dv] (:class:`~hierseq.modules.state.RecurrentState`), cons
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import RMSNorm
 from ..modules.state import RecurrentState
 from ..ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_reference, gated_delta_rule_step
-from .base import Mixer, MixerConfig, register_mixer
+from .base import Mixer, MixerConfig, init_decay_rates, register_mixer
 
 KERNELS = ("chunked", "reference")
 
@@ -82,10 +81,7 @@ class GatedDeltaNet(Mixer):
 
     def reset_special_parameters(self) -> None:
         """A and dt as in Mamba-2 (the shell's generic init would zero them)."""
-        with torch.no_grad():
-            self.A_log.copy_(torch.empty(self.heads).uniform_(1.0, 16.0).log())
-            dt = torch.exp(torch.empty(self.heads).uniform_(math.log(1e-3), math.log(1e-1)))
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+        init_decay_rates(self.A_log, self.dt_bias)
 
     def state_size(self, seq_len: int) -> int:
         """H * dk * dv plus the conv window, whatever the length."""

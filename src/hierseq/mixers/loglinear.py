@@ -39,7 +39,7 @@ from ..ops.loglinear_attention import (
     loglinear_continue,
     loglinear_state,
 )
-from .base import Mixer, MixerConfig, register_mixer
+from .base import Mixer, MixerConfig, init_decay_rates, register_mixer
 
 # softplus(_UNIT_BIAS) == 1: the initial weight of every level.
 _UNIT_BIAS = math.log(math.e - 1.0)
@@ -117,9 +117,7 @@ class LogLinearAttention(Mixer):
         with torch.no_grad():
             nn.init.constant_(self.level_proj.bias, _UNIT_BIAS)
             if self.cfg.gated:
-                self.A_log.copy_(torch.empty(self.heads).uniform_(1.0, 16.0).log())
-                dt = torch.exp(torch.empty(self.heads).uniform_(math.log(1e-3), math.log(1e-1)))
-                self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) == dt
+                init_decay_rates(self.A_log, self.dt_bias)
 
     def state_size(self, seq_len: int) -> int:
         """One [dk, dv] state per head and per bit of ``seq_len`` (O(log L)), plus the conv window."""
