@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hierseq.ops import delta_rule
 from hierseq.ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_reference, gated_delta_rule_step
 
 TOL = {torch.float64: {"rtol": 1e-10, "atol": 1e-10}, torch.float32: {"rtol": 1e-5, "atol": 1e-5}}
@@ -110,3 +111,15 @@ def test_a_full_write_replaces_the_value_under_a_key() -> None:
     v = torch.randn(1, 1, 1, 3).expand(1, 1, 2, 3)
     out, _ = gated_delta_rule_chunked(k, k, v, torch.ones(1, 1, 2), torch.zeros(1, 1, 2), None, CHUNK)
     torch.testing.assert_close(out[0, 0, 1], v[0, 0, 0])
+
+
+@pytest.mark.parametrize("segment_tokens", [CHUNK, 2 * CHUNK, 3 * CHUNK])
+def test_segmented_pieces_equal_one_segment(monkeypatch: pytest.MonkeyPatch, segment_tokens: int) -> None:
+    # Long sequences build the in-chunk pieces a few chunks at a time; the split must not show.
+    inputs = _inputs(7 * CHUNK + 3, True)
+    whole = _values_and_grads(lambda *a: gated_delta_rule_chunked(*a, chunk_size=CHUNK), inputs)
+    monkeypatch.setattr(delta_rule, "SEGMENT_TOKENS", segment_tokens)
+    assert len(delta_rule._segments(8, CHUNK)) == -(-8 // (segment_tokens // CHUNK))
+    split = _values_and_grads(lambda *a: gated_delta_rule_chunked(*a, chunk_size=CHUNK), inputs)
+    for a, b in zip(split, whole, strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])

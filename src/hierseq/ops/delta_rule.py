@@ -151,7 +151,6 @@ def _chunk_backward(
     v: torch.Tensor,
     beta: torch.Tensor,
     p: _ChunkPieces,
-    q_state: torch.Tensor,
     entering: torch.Tensor,
     d_out: torch.Tensor,
     d_transition: torch.Tensor,
@@ -213,11 +212,23 @@ def _unchunk(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.flatten(2, 3)[:, :, :length]
 
 
+#: the in-chunk pieces (several [C, C] and [C, dk + dv] tensors per chunk) are built for at most this
+#: many tokens at a time, so the temporaries of a long sequence stay bounded (a few segments at 16k;
+#: every segment is one batched call over its chunks, heads and batch rows).
+SEGMENT_TOKENS = 4096
+
+
+def _segments(n_chunks: int, chunk: int) -> list[slice]:
+    step = max(1, SEGMENT_TOKENS // chunk)
+    return [slice(start, min(start + step, n_chunks)) for start in range(0, n_chunks, step)]
+
+
 class _GatedDeltaRule(torch.autograd.Function):
-    """The chunked form with a hand-written backward. Forward saves only the inputs and the state after
-    every chunk (dk x dv floats per chunk). Backward recomputes the in-chunk pieces, runs the adjoint of
-    the chunk scan (the same pairwise scan, reversed, over M^T) and applies the written-out gradients
-    of :func:`_chunk_backward`; autograd through the form would keep about 6x the inputs' size."""
+    """The chunked form with a hand-written backward. Forward saves the inputs, the state after every
+    chunk, the chunk transitions and the query read-outs (about the size of q, k and v together).
+    Backward runs the adjoint of the chunk scan (the same pairwise scan, reversed, over M^T), then
+    recomputes the in-chunk pieces segment by segment and applies the written-out gradients of
+    :func:`_chunk_backward`; autograd through the form would keep about 6x the inputs' size."""
 
     @staticmethod
     def forward(
@@ -231,22 +242,29 @@ class _GatedDeltaRule(torch.autograd.Function):
         chunk: int,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         qc, kc, vc, bc, g = _chunks(q, k, v, beta, log_alpha, chunk)
-        read, q_state, transition, offset = _chunk_maps(qc, kc, _chunk_pieces(qc, kc, vc, bc, g))
+        batch, heads, n = qc.shape[:3]
+        key_dim, value_dim = k.shape[-1], v.shape[-1]
+        out = qc.new_empty(batch, heads, n, chunk, value_dim)
+        q_state = torch.empty_like(qc)
+        transition = qc.new_empty(batch, heads, n, key_dim, key_dim)
+        offset = qc.new_empty(batch, heads, n, key_dim, value_dim)
+        for seg in _segments(n, chunk):
+            pieces = _chunk_pieces(qc[:, :, seg], kc[:, :, seg], vc[:, :, seg], bc[:, :, seg], g[:, :, seg])
+            read, q_state[:, :, seg], transition[:, :, seg], offset[:, :, seg] = _chunk_maps(
+                qc[:, :, seg], kc[:, :, seg], pieces
+            )
+            out[:, :, seg] = read[..., :value_dim]
         after = matrix_scan(transition, offset, state)
-        out = torch.baddbmm(
-            read[..., : v.shape[-1]].flatten(0, 2), q_state.flatten(0, 2), _entering(after, state).flatten(0, 2)
-        )
-        ctx.save_for_backward(q, k, v, beta, log_alpha, state, after)
+        out.flatten(0, 2).baddbmm_(q_state.flatten(0, 2), _entering(after, state).flatten(0, 2))
+        ctx.save_for_backward(q, k, v, beta, log_alpha, state, after, q_state, transition)
         ctx.chunk = chunk
-        return _unchunk(out.view_as(read[..., : v.shape[-1]]), k.shape[2]), after[:, :, -1]
+        return _unchunk(out, k.shape[2]), after[:, :, -1]
 
     @staticmethod
     def backward(ctx: Any, d_out: torch.Tensor, d_final: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, beta, log_alpha, state, after = ctx.saved_tensors
+        q, k, v, beta, log_alpha, state, after, q_state, transition = ctx.saved_tensors
         length = k.shape[2]
         qc, kc, vc, bc, g = _chunks(q, k, v, beta, log_alpha, ctx.chunk)
-        pieces = _chunk_pieces(qc, kc, vc, bc, g)
-        _, q_state, transition, _ = _chunk_maps(qc, kc, pieces)
         n, chunk = qc.shape[2:4]
         d_out = F.pad(d_out, (0, 0, 0, n * chunk - length)).unflatten(2, (n, chunk))
         entering = _entering(after, state)
@@ -257,7 +275,19 @@ class _GatedDeltaRule(torch.autograd.Function):
         backwards = torch.cat((torch.zeros_like(m_t[:, :, :1]), m_t[:, :, 1:].flip(2)), dim=2)
         lam = matrix_scan(backwards, d_after.flip(2)).flip(2)
         d_transition = lam @ entering.transpose(-1, -2)
-        dq, dk, dv, d_beta, dg = _chunk_backward(qc, kc, vc, bc, pieces, q_state, entering, d_out, d_transition, lam)
+        dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
+        d_beta, dg = torch.empty_like(bc), torch.empty_like(g)
+        for seg in _segments(n, chunk):
+            inputs = (qc[:, :, seg], kc[:, :, seg], vc[:, :, seg], bc[:, :, seg])
+            grads = _chunk_backward(
+                *inputs,
+                _chunk_pieces(*inputs, g[:, :, seg]),
+                entering[:, :, seg],
+                d_out[:, :, seg],
+                d_transition[:, :, seg],
+                lam[:, :, seg],
+            )
+            dq[:, :, seg], dk[:, :, seg], dv[:, :, seg], d_beta[:, :, seg], dg[:, :, seg] = grads
         # G is a cumulative sum inside each chunk: its adjoint is the reversed cumulative sum.
         d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)
         grads = [_unchunk(t, length) for t in (dq, dk, dv)]
