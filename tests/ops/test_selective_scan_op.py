@@ -139,3 +139,18 @@ def test_shape_errors_name_the_argument() -> None:
         selective_scan(**{**inputs, "h0": torch.zeros(2, 3, 5)})
     with pytest.raises(ValueError, match="u"):
         selective_scan_reference(**{**inputs, "u": inputs["u"][0]})
+
+
+@pytest.mark.parametrize("segment", [1, 4, 16, 64])
+@pytest.mark.parametrize("with_h0", [False, True], ids=["zeros", "h0"])
+def test_segments_equal_one_pass(monkeypatch: pytest.MonkeyPatch, segment: int, with_h0: bool) -> None:
+    # Long sequences are scanned a segment at a time, keeping only the boundary states for backward.
+    from hierseq.ops import selective_scan as module
+
+    inputs = make_inputs(2, 37, 6, 5, seed=3, with_h0=with_h0)
+    whole = outputs_and_grads(selective_scan, inputs)
+    monkeypatch.setattr(module, "SEGMENT_FLOATS", segment * 2 * 6 * 5)  # batch x channels x d_state
+    assert module.segment_tokens(2, 6, 5) == segment
+    split = outputs_and_grads(selective_scan, inputs)
+    for a, b in zip((split[0], split[1], *split[2]), (whole[0], whole[1], *whole[2]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -182,14 +182,44 @@ def _decays(delta: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return (delta.unsqueeze(-1) * A).exp_()
 
 
+#: the scan runs over segments of time whose states [Bt, T, Di, N] hold about this many floats (8 MiB):
+#: a segment's elementwise passes then stay in cache instead of streaming [Bt, L, Di, N] through
+#: memory a dozen times, and only the state at every segment boundary is kept for backward, which
+#: recomputes a segment's states from it (as the fused CUDA kernel does per chunk). Measured on this
+#: machine, one thread, forward + backward: L=8192, Di=512, N=16: 1.4 s unsegmented, 1.0 s at 256
+#: tokens; Bt=16, L=256, Di=384: 0.70 s unsegmented, 0.42 s at 32 tokens.
+SEGMENT_FLOATS = 1 << 21
+
+
+def segment_tokens(batch: int, channels: int, d_state: int) -> int:
+    """Tokens per segment: the largest power of two whose states fit :data:`SEGMENT_FLOATS` (at least 1)."""
+    tokens = max(1, SEGMENT_FLOATS // max(1, batch * channels * d_state))
+    return 1 << (tokens.bit_length() - 1)
+
+
+def _segment_states(
+    u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, h0: torch.Tensor | None, keep_decay: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decays, states) of one segment [Bt, T, Di, N] from the state before it (None: zeros); the
+    decays are clobbered by the scan unless ``keep_decay``."""
+    decay = _decays(delta, A)
+    states = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # drive, becomes the states in place
+    if h0 is not None:
+        states[:, 0].addcmul_(decay[:, 0], h0)
+    batch, length = states.shape[:2]
+    _scan_forward_((decay.clone() if keep_decay else decay).view(batch, length, -1), states.view(batch, length, -1))
+    return decay, states
+
+
 class _SelectiveScanFn(torch.autograd.Function):
     """(u, delta, A, B, C, h0) -> (y without the D skip [Bt, L, Di], last state [Bt, Di, N]).
 
-    Saves the inputs and the states h [Bt, L, Di, N]; the decays are recomputed in backward (one exp),
-    which is cheaper than keeping them.
+    Runs segment by segment (:func:`segment_tokens`), carrying the state; saves the inputs and the
+    state before every segment, and recomputes a segment's decays and states in backward.
 
     Backward, with G_t = dLoss/dh_t from the outputs (gy_t * C_t, plus the last-state gradient at L-1):
-    the adjoint g_t = G_t + exp(delta_{t+1} A) g_{t+1} is one reverse scan; then
+    the adjoint g_t = G_t + exp(delta_{t+1} A) g_{t+1} is one reverse scan per segment, from the last
+    segment back, each started from the adjoint carried out of the segment after it; then
       dB_t = sum_d g_t * delta_t u_t,   d(delta_t u_t) = sum_n g_t B_t,   dC_t = sum_d gy_t h_t,
       q_t = g_t * exp(delta_t A) * h_{t-1}  (the gradient w.r.t. the log-decay delta_t A),
       dA = sum_{b,t} q_t delta_t,  d delta_t += sum_n q_t A,  dh0 = exp(delta_0 A) g_0.
@@ -197,51 +227,70 @@ class _SelectiveScanFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, h0):  # type: ignore[override]
-        decay = _decays(delta, A)
-        states = (delta * u).unsqueeze(-1) * B.unsqueeze(2)  # drive, becomes the states in place
-        if h0 is not None:
-            states[:, 0].addcmul_(decay[:, 0], h0)
-        batch, length, channels, d_state = states.shape
-        _scan_forward_(decay.view(batch, length, -1), states.view(batch, length, -1))
-        y = (states @ C.unsqueeze(-1)).squeeze(-1)
-        last = states[:, -1].clone()
-        ctx.save_for_backward(u, delta, A, B, C, h0, states)
-        return y, last
+        (batch, length, channels), d_state = u.shape, A.shape[1]
+        step = ctx.step = segment_tokens(batch, channels, d_state)
+        y = torch.empty_like(u)
+        starts = list(range(0, length, step))
+        entering = []  # the state before each segment (None: zeros)
+        h = h0
+        for start in starts:
+            seg = slice(start, start + step)
+            entering.append(h)
+            _, states = _segment_states(u[:, seg], delta[:, seg], A, B[:, seg], h, keep_decay=False)
+            y[:, seg] = (states @ C[:, seg].unsqueeze(-1)).squeeze(-1)
+            h = states[:, -1].clone()
+        boundaries = torch.stack([u.new_zeros(h.shape) if e is None else e for e in entering], dim=1)
+        ctx.save_for_backward(u, delta, A, B, C, h0, boundaries)
+        return y, h
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):  # type: ignore[override]
-        u, delta, A, B, C, h0, states = ctx.saved_tensors
-        batch, length, channels, d_state = states.shape
+        u, delta, A, B, C, h0, boundaries = ctx.saved_tensors
+        length = u.shape[1]
         if grad_y is None:
             grad_y = u.new_zeros(u.shape)
-        adjoint = grad_y.unsqueeze(-1) * C.unsqueeze(2)  # [Bt, L, Di, N]
-        if grad_last is not None:
-            adjoint[:, -1].add_(grad_last)
-        decay = _decays(delta, A)
-        if length > 1:
-            # g_t = G_t + decay_{t+1} g_{t+1}: a reverse scan over t < L-1 with the coefficients decay[1:],
-            # g_{L-1} = G_{L-1} folded into the last of those positions.
-            coeff = decay[:, 1:].clone()
-            inner = adjoint[:, :-1]
-            inner[:, -1].addcmul_(coeff[:, -1], adjoint[:, -1])
-            _scan_backward_(coeff.view(batch, length - 1, -1), inner.view(batch, length - 1, -1))
-        grad_C = (grad_y.unsqueeze(2) @ states).squeeze(2)  # [Bt, L, N]
-        grad_B = ((delta * u).unsqueeze(2) @ adjoint).squeeze(2)  # [Bt, L, N]
-        grad_du = (adjoint @ B.unsqueeze(-1)).squeeze(-1)  # [Bt, L, Di]
-        grad_h0 = decay[:, 0] * adjoint[:, 0] if h0 is not None and ctx.needs_input_grad[5] else None
-        # q = g * decay * h_prev, built in the decay buffer (no longer needed after this).
-        q = decay.mul_(adjoint)
-        q[:, 1:].mul_(states[:, :-1])
-        if h0 is not None:
-            q[:, 0].mul_(h0)
-        else:
-            q[:, 0].zero_()
-        # Elementwise products + reductions rather than einsum: torch lowers these two contractions to
-        # bmm calls over tiny matrices (or permuted copies), 2-5x slower on CPU.
-        grad_delta = grad_du * u + (q * A).sum(-1)
-        grad_A = q.mul_(delta.unsqueeze(-1)).sum((0, 1))
-        grad_u = grad_du * delta
-        return grad_u, grad_delta, grad_A, grad_B, grad_C, grad_h0
+        grads = {name: torch.empty_like(t) for name, t in (("u", u), ("delta", delta), ("B", B), ("C", C))}
+        grad_A = torch.zeros_like(A)
+        carry = grad_last  # dLoss/dh at the segment's last position from outside it (None: nothing yet)
+        next_decay = None  # exp(delta A) of the first token of the segment after this one
+        grad_h0 = None
+        for index in reversed(range(boundaries.shape[1])):
+            seg = slice(index * ctx.step, min((index + 1) * ctx.step, length))
+            h_before = None if index == 0 and h0 is None else (h0 if index == 0 else boundaries[:, index])
+            u_s, delta_s, B_s, C_s, gy = u[:, seg], delta[:, seg], B[:, seg], C[:, seg], grad_y[:, seg]
+            decay, states = _segment_states(u_s, delta_s, A, B_s, h_before, keep_decay=True)
+            adjoint = gy.unsqueeze(-1) * C_s.unsqueeze(2)  # [Bt, T, Di, N]
+            if carry is not None:
+                # g_{last} = G_{last} + decay_{next} g_{next} (the segment after this one), or the
+                # last-state gradient for the final segment.
+                adjoint[:, -1].add_(carry if next_decay is None else next_decay * carry)
+            batch, seg_len = adjoint.shape[:2]
+            if seg_len > 1:
+                # g_t = G_t + decay_{t+1} g_{t+1}: a reverse scan over t < T-1 with the coefficients
+                # decay[1:], g_{T-1} folded into the last of those positions.
+                coeff = decay[:, 1:].clone()
+                inner = adjoint[:, :-1]
+                inner[:, -1].addcmul_(coeff[:, -1], adjoint[:, -1])
+                _scan_backward_(coeff.view(batch, seg_len - 1, -1), inner.view(batch, seg_len - 1, -1))
+            grads["C"][:, seg] = (gy.unsqueeze(2) @ states).squeeze(2)  # [Bt, T, N]
+            grads["B"][:, seg] = ((delta_s * u_s).unsqueeze(2) @ adjoint).squeeze(2)
+            grad_du = (adjoint @ B_s.unsqueeze(-1)).squeeze(-1)  # [Bt, T, Di]
+            if index == 0 and h0 is not None and ctx.needs_input_grad[5]:
+                grad_h0 = decay[:, 0] * adjoint[:, 0]
+            carry, next_decay = adjoint[:, 0].clone(), decay[:, 0].clone()
+            # q = g * decay * h_prev, built in the decay buffer (no longer needed after this).
+            q = decay.mul_(adjoint)
+            q[:, 1:].mul_(states[:, :-1])
+            if h_before is not None:
+                q[:, 0].mul_(h_before)
+            else:
+                q[:, 0].zero_()
+            # Elementwise products + reductions rather than einsum: torch lowers these two contractions
+            # to bmm calls over tiny matrices (or permuted copies), 2-5x slower on CPU.
+            grads["delta"][:, seg] = grad_du * u_s + (q * A).sum(-1)
+            grad_A += q.mul_(delta_s.unsqueeze(-1)).sum((0, 1))
+            grads["u"][:, seg] = grad_du * delta_s
+        return grads["u"], grads["delta"], grad_A, grads["B"], grads["C"], grad_h0
 
 
 @_scan_entry_point
@@ -249,8 +298,9 @@ def selective_scan(
     u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, h0: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fast selective scan for training and prefill: the arguments and results of
-    :func:`selective_scan_reference` (the last state is differentiable too). Memory: O(Bt * L * Di * N)
-    for the states, like any parallel Mamba-1 scan without a fused kernel."""
+    :func:`selective_scan_reference` (the last state is differentiable too). Memory: the states of one
+    segment (:func:`segment_tokens`) at a time plus one state per segment boundary, instead of
+    the O(Bt * L * Di * N) states a parallel scan without a fused kernel keeps."""
     dtype = torch.promote_types(u.dtype, A.dtype)
     return _SelectiveScanFn.apply(
         u.to(dtype).contiguous(),
