@@ -113,13 +113,13 @@ def test_a_full_write_replaces_the_value_under_a_key() -> None:
     torch.testing.assert_close(out[0, 0, 1], v[0, 0, 0])
 
 
-@pytest.mark.parametrize("segment_tokens", [CHUNK, 2 * CHUNK, 3 * CHUNK])
-def test_segmented_pieces_equal_one_segment(monkeypatch: pytest.MonkeyPatch, segment_tokens: int) -> None:
+@pytest.mark.parametrize("segment_chunks", [1, 2, 3])
+def test_segmented_pieces_equal_one_segment(monkeypatch: pytest.MonkeyPatch, segment_chunks: int) -> None:
     # Long sequences build the in-chunk pieces a few chunks at a time; the split must not show.
     inputs = _inputs(7 * CHUNK + 3, True)
     whole = _values_and_grads(lambda *a: gated_delta_rule_chunked(*a, chunk_size=CHUNK), inputs)
-    monkeypatch.setattr(delta_rule, "SEGMENT_TOKENS", segment_tokens)
-    assert len(delta_rule._segments(8, CHUNK)) == -(-8 // (segment_tokens // CHUNK))
+    monkeypatch.setattr(delta_rule, "SEGMENT_FLOATS", segment_chunks * 2 * 3 * CHUNK * CHUNK)  # B x H x C x C
+    assert len(delta_rule._segments(2 * 3, 8, CHUNK)) == -(-8 // segment_chunks)
     split = _values_and_grads(lambda *a: gated_delta_rule_chunked(*a, chunk_size=CHUNK), inputs)
     for a, b in zip(split, whole, strict=True):
         torch.testing.assert_close(a, b, **TOL[torch.float64])

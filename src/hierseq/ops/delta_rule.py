@@ -212,14 +212,16 @@ def _unchunk(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.flatten(2, 3)[:, :, :length]
 
 
-#: the in-chunk pieces (several [C, C] and [C, dk + dv] tensors per chunk) are built for at most this
-#: many tokens at a time, so the temporaries of a long sequence stay bounded (a few segments at 16k;
-#: every segment is one batched call over its chunks, heads and batch rows).
-SEGMENT_TOKENS = 4096
+#: the in-chunk pieces (several [C, C] and [C, dk + dv] tensors per chunk) are built a segment of chunks
+#: at a time, with about this many floats in each [C, C] tensor of a segment, so that the elementwise
+#: passes run in cache and the temporaries of a long sequence stay bounded. Every segment is one batched
+#: call over its chunks, heads and batch rows. Measured at L=16384, 4 heads of 64, two threads,
+#: forward + backward: 0.44 s with 4096-token segments, 0.34 s with 512 (0.5 MiB per [C, C] tensor).
+SEGMENT_FLOATS = 1 << 17
 
 
-def _segments(n_chunks: int, chunk: int) -> list[slice]:
-    step = max(1, SEGMENT_TOKENS // chunk)
+def _segments(batch_heads: int, n_chunks: int, chunk: int) -> list[slice]:
+    step = max(1, SEGMENT_FLOATS // (batch_heads * chunk * chunk))
     return [slice(start, min(start + step, n_chunks)) for start in range(0, n_chunks, step)]
 
 
@@ -248,7 +250,7 @@ class _GatedDeltaRule(torch.autograd.Function):
         q_state = torch.empty_like(qc)
         transition = qc.new_empty(batch, heads, n, key_dim, key_dim)
         offset = qc.new_empty(batch, heads, n, key_dim, value_dim)
-        for seg in _segments(n, chunk):
+        for seg in _segments(batch * heads, n, chunk):
             pieces = _chunk_pieces(qc[:, :, seg], kc[:, :, seg], vc[:, :, seg], bc[:, :, seg], g[:, :, seg])
             read, q_state[:, :, seg], transition[:, :, seg], offset[:, :, seg] = _chunk_maps(
                 qc[:, :, seg], kc[:, :, seg], pieces
@@ -265,7 +267,7 @@ class _GatedDeltaRule(torch.autograd.Function):
         q, k, v, beta, log_alpha, state, after, q_state, transition = ctx.saved_tensors
         length = k.shape[2]
         qc, kc, vc, bc, g = _chunks(q, k, v, beta, log_alpha, ctx.chunk)
-        n, chunk = qc.shape[2:4]
+        batch, heads, n, chunk = qc.shape[:4]
         d_out = F.pad(d_out, (0, 0, 0, n * chunk - length)).unflatten(2, (n, chunk))
         entering = _entering(after, state)
         d_entering = q_state.transpose(-1, -2) @ d_out
@@ -277,7 +279,7 @@ class _GatedDeltaRule(torch.autograd.Function):
         d_transition = lam @ entering.transpose(-1, -2)
         dq, dk, dv = torch.empty_like(qc), torch.empty_like(kc), torch.empty_like(vc)
         d_beta, dg = torch.empty_like(bc), torch.empty_like(g)
-        for seg in _segments(n, chunk):
+        for seg in _segments(batch * heads, n, chunk):
             inputs = (qc[:, :, seg], kc[:, :, seg], vc[:, :, seg], bc[:, :, seg])
             grads = _chunk_backward(
                 *inputs,
