@@ -319,3 +319,36 @@ def test_bad_dilation_raises_value_error():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match=f"dilation={bad!r}"):
             CausalDepthwiseConv1d(4, 3, dilation=bad)
+
+
+# -------------------------------------------------------------------------------------- activation
+@pytest.mark.parametrize(("kernel_size", "dilation"), [(1, 1), (4, 1), (3, 2)])
+def test_silu_inside_equals_silu_after_in_values_and_gradients(kernel_size, dilation):
+    # The fused SiLU recomputes its pre-activation in backward; it must equal silu(conv(x)) exactly.
+    torch.manual_seed(3)
+    fused = CausalDepthwiseConv1d(5, kernel_size, dilation=dilation, activation="silu")
+    plain = CausalDepthwiseConv1d(5, kernel_size, dilation=dilation)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 11, 5, requires_grad=True)
+    state = torch.randn(2, 5, fused.state_len, requires_grad=True)
+    for given in (None, state):
+        y, y_ref = fused(x, given), F.silu(plain.forward_reference(x, given))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fused.forward_reference(x, given), y_ref, rtol=1e-5, atol=1e-6)
+        wrt = [x, fused.weight, fused.bias] + ([given] if given is not None and fused.state_len else [])
+        wrt_ref = [x, plain.weight, plain.bias] + wrt[3:]
+        grads = torch.autograd.grad(y.square().sum(), wrt)
+        grads_ref = torch.autograd.grad(y_ref.square().sum(), wrt_ref)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    # and the recurrent step applies it too
+    with torch.no_grad():
+        full, carried = fused(x), fused.initial_state(2)
+        for t in range(11):
+            y_t, carried = fused.step(x[:, t], carried)
+            torch.testing.assert_close(y_t, full[:, t], rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_activation_is_refused():
+    with pytest.raises(ValueError, match="activation='gelu'"):
+        CausalDepthwiseConv1d(4, 3, activation="gelu")

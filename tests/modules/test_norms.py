@@ -74,3 +74,24 @@ def test_make_norm_kinds_and_error():
     assert isinstance(layer_norm, LayerNorm) and layer_norm.normalized_shape == (4,)
     with pytest.raises(ValueError, match="norm='batchnorm'"):
         make_norm("batchnorm", 4)
+
+
+def test_gated_rmsnorm_equals_rmsnorm_times_silu_gate_in_values_and_gradients():
+    from hierseq.modules.norms import GatedRMSNorm
+
+    torch.manual_seed(0)
+    fused, plain = GatedRMSNorm(8), RMSNorm(8)
+    with torch.no_grad():
+        fused.weight.uniform_(0.5, 1.5)
+        plain.weight.copy_(fused.weight)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    gate = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    fused.double(), plain.double()
+    y, y_ref = fused(x, gate), plain(x) * F.silu(gate)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fused.forward_reference(x, gate), y_ref, rtol=1e-12, atol=1e-12)
+    weights = torch.randn(y.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((y * weights).sum(), (x, gate, fused.weight))
+    grads_ref = torch.autograd.grad((y_ref * weights).sum(), (x, gate, plain.weight))
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-10)

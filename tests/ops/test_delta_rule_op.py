@@ -123,3 +123,20 @@ def test_segmented_pieces_equal_one_segment(monkeypatch: pytest.MonkeyPatch, seg
     split = _values_and_grads(lambda *a: gated_delta_rule_chunked(*a, chunk_size=CHUNK), inputs)
     for a, b in zip(split, whole, strict=True):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+def test_normalising_inside_equals_normalising_before_in_values_and_gradients() -> None:
+    inputs = _inputs(3 * CHUNK + 2, True)
+    g = torch.Generator().manual_seed(4)
+    raw_q = (3.0 * torch.randn(inputs[0].shape, generator=g, dtype=torch.float64)).requires_grad_()
+    raw_k = (0.2 * torch.randn(inputs[1].shape, generator=g, dtype=torch.float64)).requires_grad_()
+    raw = [raw_q, raw_k, *inputs[2:]]
+
+    def inside(q, k, *rest):
+        return gated_delta_rule_chunked(q, k, *rest, chunk_size=CHUNK, normalize_qk=True)
+
+    def before(q, k, *rest):
+        return gated_delta_rule_reference(F.normalize(q, dim=-1), F.normalize(k, dim=-1), *rest)
+
+    for a, b in zip(_values_and_grads(inside, raw), _values_and_grads(before, raw), strict=True):
+        torch.testing.assert_close(a, b, **TOL[torch.float64])

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..config import check_choice, check_divisible
 from ..modules.causal_conv import CausalDepthwiseConv1d
-from ..modules.norms import RMSNorm
+from ..modules.norms import GatedRMSNorm
 from ..modules.state import RecurrentState
 from ..ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_reference, gated_delta_rule_step
 from .base import Mixer, MixerConfig, init_decay_rates, register_mixer
@@ -72,10 +72,10 @@ class GatedDeltaNet(Mixer):
         conv_width = 2 * self.qk_width + d_model
         # q, k, v (through the conv), then beta and decay logits [H] each, then the output gate [D].
         self.in_proj = nn.Linear(d_model, conv_width + 2 * cfg.n_heads + d_model, bias=False)
-        self.conv = CausalDepthwiseConv1d(conv_width, cfg.conv_kernel)
+        self.conv = CausalDepthwiseConv1d(conv_width, cfg.conv_kernel, activation="silu")
         self.A_log = nn.Parameter(torch.empty(cfg.n_heads))
         self.dt_bias = nn.Parameter(torch.empty(cfg.n_heads))
-        self.norm = RMSNorm(self.head_dim)
+        self.norm = GatedRMSNorm(self.head_dim)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
         self.reset_special_parameters()
 
@@ -88,13 +88,15 @@ class GatedDeltaNet(Mixer):
         return self.heads * self.key_dim * self.head_dim + self.conv.channels * self.conv.state_len
 
     def _heads(
-        self, qkv: torch.Tensor, rest: torch.Tensor
+        self, qkv: torch.Tensor, rest: torch.Tensor, normalize: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qkv: [..., 2 H dk + D] (after the conv), rest: [..., 2 H + D] -> q, k [..., H, dk] (unit norm),
-        v [..., H, dv], beta, log decay [..., H], gate [..., H, dv]."""
-        q, k, v = F.silu(qkv).split((self.qk_width, self.qk_width, self.d_model), dim=-1)
-        q = F.normalize(q.unflatten(-1, (self.heads, self.key_dim)), dim=-1)
-        k = F.normalize(k.unflatten(-1, (self.heads, self.key_dim)), dim=-1)
+        """qkv: [..., 2 H dk + D] (after the conv and its SiLU), rest: [..., 2 H + D] -> q, k [..., H, dk]
+        (unit norm, or raw when not ``normalize``: the chunked op normalises them itself), v [..., H, dv],
+        beta, log decay [..., H], gate [..., H, dv]."""
+        q, k, v = qkv.split((self.qk_width, self.qk_width, self.d_model), dim=-1)
+        q, k = (t.unflatten(-1, (self.heads, self.key_dim)) for t in (q, k))
+        if normalize:
+            q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         b, a, gate = rest.split((self.heads, self.heads, self.d_model), dim=-1)
         log_decay = -torch.exp(self.A_log) * F.softplus(a + self.dt_bias)
         heads = (self.heads, self.head_dim)
@@ -102,7 +104,7 @@ class GatedDeltaNet(Mixer):
 
     def _output(self, o: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """o, gate: [..., H, dv] -> [..., D]."""
-        return self.out_proj((self.norm(o) * F.silu(gate)).flatten(-2))
+        return self.out_proj(self.norm(o, gate).flatten(-2))
 
     def forward(
         self, x: torch.Tensor, state: RecurrentState | None = None, use_cache: bool = False, need_aux: bool = False
@@ -118,7 +120,8 @@ class GatedDeltaNet(Mixer):
             o, memory = gated_delta_rule_step(q, k, v, beta, log_decay, memory)
             return self._output(o, gate).unsqueeze(1), RecurrentState(conv_state, memory), None
         qkv, conv_state = self.conv(conv_in, conv_state, return_state=True)
-        q, k, v, beta, log_decay, gate = self._heads(qkv, rest)
+        chunked = self.cfg.kernel == "chunked"
+        q, k, v, beta, log_decay, gate = self._heads(qkv, rest, normalize=not chunked)
         args = (
             q.transpose(1, 2),
             k.transpose(1, 2),
@@ -126,9 +129,9 @@ class GatedDeltaNet(Mixer):
             beta.transpose(1, 2),
             log_decay.transpose(1, 2),
         )
-        if self.cfg.kernel == "reference":
-            o, memory = gated_delta_rule_reference(*args, memory)
+        if chunked:
+            o, memory = gated_delta_rule_chunked(*args, memory, self.cfg.chunk_size, normalize_qk=True)
         else:
-            o, memory = gated_delta_rule_chunked(*args, memory, self.cfg.chunk_size)
+            o, memory = gated_delta_rule_reference(*args, memory)
         y = self._output(o.transpose(1, 2), gate)
         return y, (RecurrentState(conv_state, memory) if keep else None), None

@@ -94,7 +94,7 @@ class Mamba(Mixer):
         self.d_inner = cfg.expand * d_model
         self.dt_rank = cfg.dt_rank or math.ceil(d_model / 16)
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=cfg.bias)
-        self.conv = CausalDepthwiseConv1d(self.d_inner, cfg.d_conv, bias=cfg.conv_bias)
+        self.conv = CausalDepthwiseConv1d(self.d_inner, cfg.d_conv, bias=cfg.conv_bias, activation="silu")
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * cfg.d_state, bias=False)
         self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(self.d_inner, cfg.d_state))
@@ -155,8 +155,7 @@ class Mamba(Mixer):
             y, new_state = self.step(x[:, 0], state)
             return y.unsqueeze(1), new_state, None
         x_in, z = self.in_proj(x).chunk(2, dim=-1)
-        conv_out, conv_state = self.conv(x_in, state.conv if state is not None else None, return_state=True)
-        x_c = F.silu(conv_out)
+        x_c, conv_state = self.conv(x_in, state.conv if state is not None else None, return_state=True)
         delta, B, C = self._ssm_params(x_c)
         A = -torch.exp(self.A_log.float())
         scan_fn = selective_scan if self.cfg.scan == "fast" else selective_scan_reference
@@ -170,8 +169,7 @@ class Mamba(Mixer):
         if state is None:
             state = self.initial_state(x_t.shape[0], x_t.device, x_t.dtype)
         x_in, z = self.in_proj(x_t).chunk(2, dim=-1)
-        conv_out, conv_state = self.conv.step(x_in, state.conv)
-        x_c = F.silu(conv_out)
+        x_c, conv_state = self.conv.step(x_in, state.conv)
         delta, B, C = self._ssm_params(x_c)
         A = -torch.exp(self.A_log.float())
         y, ssm_state = selective_scan_step(x_c, delta, A, B, C, self.D, state.ssm)

@@ -7,7 +7,9 @@ computes the same with one grouped ``F.conv1d``; on CPU the backward of that gro
 slower at thousands of channels (18 s vs 0.6 s at [1, 1024, 3072]), so the shifted form is the one
 models run; a test keeps the two equal. The shifted form has its own backward
 (:class:`_ShiftedDepthwiseConv`): K in-place multiply-adds into one gradient buffer instead of
-autograd's zero-filled buffer per shifted slice, and nothing saved but the padded input.
+autograd's zero-filled buffer per shifted slice, and nothing saved but the input and the state.
+``activation="silu"`` applies SiLU inside (the front end of Mamba and the delta-rule mixers), which
+backward recomputes from the input instead of storing the pre-activation.
 
 Generation path: keep the last ``(kernel_size - 1) * dilation`` inputs as the state and compute one
 output per call, which gives exactly the same numbers as the full pass.
@@ -28,45 +30,78 @@ def _check_positive_int(name: str, value: object) -> None:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
-class _ShiftedDepthwiseConv(torch.autograd.Function):
-    """y[:, t] = sum_k padded[:, t + k d] * taps[:, k] (+ bias) for t < L = padded_len - (K - 1) d.
+ACTIVATIONS = ("none", "silu")
 
-    padded: [B, (K-1) d + L, C]; taps: [C, K]; bias: [C] or None; d: the dilation -> y: [B, L, C]. The
-    loop is over the K taps (typically 4), each one whole-tensor fused multiply-add."""
+
+def _padded(x: torch.Tensor, state: torch.Tensor | None, state_len: int) -> torch.Tensor:
+    """x: [B, L, C] with the state_len preceding inputs (state [B, C, state_len], or zeros) prepended."""
+    if state is None:
+        return F.pad(x, (0, 0, state_len, 0))
+    return torch.cat((state.transpose(1, 2).to(x.dtype), x), dim=1)
+
+
+def _shifted_sum(padded: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, dilation: int) -> torch.Tensor:
+    """sum_k padded[:, t + k d] * taps[:, k] (+ bias): K whole-tensor fused multiply-adds."""
+    kernel = taps.shape[1]
+    length = padded.shape[1] - (kernel - 1) * dilation
+    y = padded[:, :length] * taps[:, 0]
+    for k in range(1, kernel):
+        y.addcmul_(padded[:, k * dilation : k * dilation + length], taps[:, k])
+    if bias is not None:
+        y.add_(bias)
+    return y
+
+
+class _ShiftedDepthwiseConv(torch.autograd.Function):
+    """y[:, t] = act(sum_k padded[:, t + k d] * taps[:, k] + bias), padded = the state then x.
+
+    x: [B, L, C]; state: [B, C, (K-1) d] or None (zeros); taps: [C, K]; bias: [C] or None; d: the
+    dilation; silu: whether act is SiLU (else the identity) -> y: [B, L, C]. Saves x and the state as
+    given (no padded copy) and rebuilds the padding, and the pre-activation, in backward: a SiLU after
+    the conv then costs no stored activation of its own."""
 
     @staticmethod
     def forward(
-        ctx: Any, padded: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | None, dilation: int
+        ctx: Any,
+        x: torch.Tensor,
+        state: torch.Tensor | None,
+        taps: torch.Tensor,
+        bias: torch.Tensor | None,
+        dilation: int,
+        silu: bool,
     ) -> torch.Tensor:
-        kernel = taps.shape[1]
-        length = padded.shape[1] - (kernel - 1) * dilation
-        y = padded[:, :length] * taps[:, 0]
-        for k in range(1, kernel):
-            y.addcmul_(padded[:, k * dilation : k * dilation + length], taps[:, k])
-        if bias is not None:
-            y.add_(bias)
-        ctx.save_for_backward(padded, taps)
-        ctx.has_bias, ctx.dilation = bias is not None, dilation
-        return y
+        ctx.state_len = (taps.shape[1] - 1) * dilation
+        y = _shifted_sum(_padded(x, state, ctx.state_len), taps, bias, dilation)
+        ctx.save_for_backward(x, state, taps, bias)
+        ctx.dilation, ctx.silu = dilation, silu
+        return F.silu(y, inplace=True) if silu else y
 
     @staticmethod
     def backward(ctx: Any, grad_y: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        padded, taps = ctx.saved_tensors
+        x, state, taps, bias = ctx.saved_tensors
         kernel, d = taps.shape[1], ctx.dilation
         length = grad_y.shape[1]
-        grad_padded = grad_taps = grad_bias = None
-        if ctx.needs_input_grad[0]:
+        padded = _padded(x, state, ctx.state_len)
+        if ctx.silu:  # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
+            pre = _shifted_sum(padded, taps, bias, d)
+            gate = torch.sigmoid(pre)
+            grad_y = grad_y * gate * pre.mul_(1.0 - gate).add_(1.0)
+        grad_x = grad_state = grad_taps = grad_bias = None
+        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
             # padded[:, j] feeds y[:, j - k] through tap k.
             grad_padded = torch.zeros_like(padded)
             for k in range(kernel):
                 grad_padded[:, k * d : k * d + length].addcmul_(grad_y, taps[:, k])
-        if ctx.needs_input_grad[1]:
+            grad_x = grad_padded[:, ctx.state_len :]
+            if state is not None and ctx.needs_input_grad[1]:
+                grad_state = grad_padded[:, : ctx.state_len].transpose(1, 2).to(state.dtype)
+        if ctx.needs_input_grad[2]:
             grad_taps = torch.stack(
                 [(grad_y * padded[:, k * d : k * d + length]).sum((0, 1)) for k in range(kernel)], dim=1
             )
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if bias is not None and ctx.needs_input_grad[3]:
             grad_bias = grad_y.sum((0, 1))
-        return grad_padded, grad_taps, grad_bias, None
+        return grad_x, grad_state, grad_taps, grad_bias, None, None
 
 
 class CausalDepthwiseConv1d(nn.Module):
@@ -80,11 +115,16 @@ class CausalDepthwiseConv1d(nn.Module):
     start. :meth:`centred` is the same filter centred on t (K odd), for non-causal encoders.
     """
 
-    def __init__(self, channels: int, kernel_size: int, bias: bool = True, dilation: int = 1) -> None:
+    def __init__(
+        self, channels: int, kernel_size: int, bias: bool = True, dilation: int = 1, activation: str = "none"
+    ) -> None:
         super().__init__()
         _check_positive_int("channels", channels)
         _check_positive_int("kernel_size", kernel_size)
         _check_positive_int("dilation", dilation)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r}: must be one of {list(ACTIVATIONS)}")
+        self.activation = activation
         self.channels = channels
         self.kernel_size = kernel_size
         self.dilation = dilation
@@ -107,7 +147,7 @@ class CausalDepthwiseConv1d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, kernel_size={self.kernel_size}, dilation={self.dilation}, "
-            f"bias={self.bias is not None}"
+            f"bias={self.bias is not None}" + (f", activation={self.activation}" if self.activation != "none" else "")
         )
 
     def initial_state(
@@ -138,28 +178,30 @@ class CausalDepthwiseConv1d(nn.Module):
         Returns y: [B, L, C], and with ``return_state`` also the new state [B, C, state_len] (the last state_len
         inputs, including those from ``state`` when L < state_len) to continue with ``step`` or ``forward``.
         """
-        padded = self._padded(x, state)  # [B, state_len + L, C]
-        taps = self.weight[:, 0, :]  # [C, K]; tap K-1 multiplies the current input
-        y = _ShiftedDepthwiseConv.apply(padded, taps, self.bias, self.dilation)
-        if not return_state:
-            return y
-        # Slice by start index, not by -state_len: for K = 1, [-0:] would keep everything.
-        new_state = padded[:, padded.shape[1] - self.state_len :].transpose(1, 2)
-        return y, new_state
-
-    def _padded(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, L, C] with the state_len preceding inputs (state, or zeros) prepended."""
         if x.dim() != 3 or x.shape[-1] != self.channels:
             raise ValueError(f"x shape {tuple(x.shape)}: expected [B, L, C] with C={self.channels}")
-        if state is None:
-            return F.pad(x, (0, 0, self.state_len, 0))
-        self._check_state(state, x.shape[0])
-        return torch.cat((state.transpose(1, 2).to(x.dtype), x), dim=1)
+        if state is not None:
+            self._check_state(state, x.shape[0])
+        taps = self.weight[:, 0, :]  # [C, K]; tap K-1 multiplies the current input
+        y = _ShiftedDepthwiseConv.apply(x, state, taps, self.bias, self.dilation, self.activation == "silu")
+        if not return_state:
+            return y
+        return y, self._next_state(x, state)
+
+    def _next_state(self, x: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """The last state_len inputs after x [B, L, C] (from ``state`` too when L < state_len): [B, C, state_len]."""
+        if x.shape[1] >= self.state_len:  # slice by start index: for K = 1, [-0:] would keep everything
+            return x[:, x.shape[1] - self.state_len :].transpose(1, 2)
+        padded = _padded(x, state, self.state_len)
+        return padded[:, padded.shape[1] - self.state_len :].transpose(1, 2)
 
     def forward_reference(self, x: torch.Tensor, state: torch.Tensor | None = None) -> torch.Tensor:
         """The definition, as one grouped ``F.conv1d``: x [B, L, C] -> y [B, L, C] (same as ``forward``)."""
-        padded = self._padded(x, state).transpose(1, 2)  # [B, C, K-1+L]: conv1d wants channels first
-        return F.conv1d(padded, self.weight, self.bias, dilation=self.dilation, groups=self.channels).transpose(1, 2)
+        if state is not None:
+            self._check_state(state, x.shape[0])
+        padded = _padded(x, state, self.state_len).transpose(1, 2)  # [B, C, K-1+L]: conv1d wants channels first
+        y = F.conv1d(padded, self.weight, self.bias, dilation=self.dilation, groups=self.channels).transpose(1, 2)
+        return F.silu(y) if self.activation == "silu" else y
 
     def centred(self, x: torch.Tensor) -> torch.Tensor:
         """The filter centred on each position (zeros past both ends). x: [B, L, C] -> [B, L, C]; the same
@@ -185,4 +227,4 @@ class CausalDepthwiseConv1d(nn.Module):
         y_t = (window[..., :: self.dilation] * self.weight.squeeze(1)).sum(-1)
         if self.bias is not None:
             y_t = y_t + self.bias
-        return y_t, window[..., 1:]
+        return (F.silu(y_t) if self.activation == "silu" else y_t), window[..., 1:]

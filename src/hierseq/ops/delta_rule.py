@@ -111,6 +111,12 @@ class _ChunkPieces(NamedTuple):
     to_end: torch.Tensor  # Gamma_C / Gamma_j: [C]
 
 
+def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / max(|x|, 1e-12) over the last dim, that norm [..., 1]): F.normalize, keeping the norm."""
+    norm = x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return x / norm, norm
+
+
 def _chunk_pieces(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, g: torch.Tensor
 ) -> _ChunkPieces:
@@ -242,8 +248,11 @@ class _GatedDeltaRule(torch.autograd.Function):
         log_alpha: torch.Tensor,
         state: torch.Tensor | None,
         chunk: int,
+        normalize_qk: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         qc, kc, vc, bc, g = _chunks(q, k, v, beta, log_alpha, chunk)
+        if normalize_qk:
+            (qc, _), (kc, _) = _unit(qc), _unit(kc)
         batch, heads, n = qc.shape[:3]
         key_dim, value_dim = k.shape[-1], v.shape[-1]
         out = qc.new_empty(batch, heads, n, chunk, value_dim)
@@ -259,7 +268,7 @@ class _GatedDeltaRule(torch.autograd.Function):
         after = matrix_scan(transition, offset, state)
         out.flatten(0, 2).baddbmm_(q_state.flatten(0, 2), _entering(after, state).flatten(0, 2))
         ctx.save_for_backward(q, k, v, beta, log_alpha, state, after, q_state, transition)
-        ctx.chunk = chunk
+        ctx.chunk, ctx.normalize_qk = chunk, normalize_qk
         return _unchunk(out, k.shape[2]), after[:, :, -1]
 
     @staticmethod
@@ -267,6 +276,8 @@ class _GatedDeltaRule(torch.autograd.Function):
         q, k, v, beta, log_alpha, state, after, q_state, transition = ctx.saved_tensors
         length = k.shape[2]
         qc, kc, vc, bc, g = _chunks(q, k, v, beta, log_alpha, ctx.chunk)
+        if ctx.normalize_qk:
+            (qc, q_norm), (kc, k_norm) = _unit(qc), _unit(kc)
         batch, heads, n, chunk = qc.shape[:4]
         d_out = F.pad(d_out, (0, 0, 0, n * chunk - length)).unflatten(2, (n, chunk))
         entering = _entering(after, state)
@@ -290,6 +301,9 @@ class _GatedDeltaRule(torch.autograd.Function):
                 lam[:, :, seg],
             )
             dq[:, :, seg], dk[:, :, seg], dv[:, :, seg], d_beta[:, :, seg], dg[:, :, seg] = grads
+        if ctx.normalize_qk:  # back through u = x / |x|: dx = (du - u (u . du)) / |x|
+            dq = dq.sub_(qc * (dq * qc).sum(-1, keepdim=True)).div_(q_norm)
+            dk = dk.sub_(kc * (dk * kc).sum(-1, keepdim=True)).div_(k_norm)
         # G is a cumulative sum inside each chunk: its adjoint is the reversed cumulative sum.
         d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)
         grads = [_unchunk(t, length) for t in (dq, dk, dv)]
@@ -297,7 +311,7 @@ class _GatedDeltaRule(torch.autograd.Function):
         d_state = None
         if state is not None and ctx.needs_input_grad[5]:
             d_state = d_entering[:, :, 0] + m_t[:, :, 0] @ lam[:, :, 0]
-        return (*grads, d_state, None)
+        return (*grads, d_state, None, None)
 
 
 def gated_delta_rule_chunked(
@@ -308,9 +322,13 @@ def gated_delta_rule_chunked(
     log_alpha: torch.Tensor,
     state: torch.Tensor | None = None,
     chunk_size: int = 64,
+    normalize_qk: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`gated_delta_rule_reference` with no loop over tokens or chunks (same arguments and results)."""
+    """:func:`gated_delta_rule_reference` with no loop over tokens or chunks (same arguments and results).
+
+    ``normalize_qk``: L2-normalise q and k inside (equal to passing ``F.normalize(q)``, ``F.normalize(k)``,
+    gradients included) so that only the raw q and k are stored for backward, not normalised copies."""
     if k.shape[2] == 0:
         empty_state = q.new_zeros(*k.shape[:2], k.shape[-1], v.shape[-1]) if state is None else state
         return v.clone(), empty_state
-    return _GatedDeltaRule.apply(q, k, v, beta, log_alpha, state, min(chunk_size, k.shape[2]))
+    return _GatedDeltaRule.apply(q, k, v, beta, log_alpha, state, min(chunk_size, k.shape[2]), normalize_qk)
