@@ -17,10 +17,37 @@ and theirs so machine load hits both alike (median of the repeats). The reported
   unbind(bind(k, v), k) on k, v [B, L, D], loss mean(y^2). torch-hd imports pandas and requests at
   import time (its datasets module): installed with its dependencies it works, with ``--no-deps`` alone
   it does not import and is reported as not installed.
+
+Two more come with ``pip install 'hierseq[hf]'`` (``transformers``); both are compared at the op level,
+with the shapes of our model at the speed run's width (``d_model`` 256: 4 heads of dk = dv = 64 for
+``gated_deltanet``; 8 heads of P = 64, N = 64, one group for ``mamba2``), batch and length, chunk size
+ours for both, and the loss sum(out * W_out) + sum(final state * W_state) with fixed random weights:
+
+* ``transformers`` ``torch_chunk_gated_delta_rule`` (Qwen3-Next) vs our
+  :func:`~hierseq.ops.delta_rule.gated_delta_rule_chunked`. HF takes [B, L, H, d] (ours [B, H, L, d]:
+  transposed views), ``g`` = our log alpha, and scales q by dk^-0.5 inside; ours does not, so our q is
+  scaled by dk^-0.5 in our step. q, k are unit-norm for both and HF's in-kernel L2 norm is off: on, it
+  would leave the values as they are (to 5e-7) but not d q, d k, which its Jacobian projects onto the
+  tangent plane (our mixer normalises before the op, outside what is compared).
+* ``transformers`` ``mamba2_chunk_scan`` (the SSD of ``Mamba2Mixer``) vs our
+  :func:`~hierseq.ops.ssd.ssd_chunked`: the same layouts (x [B, L, H, P], dt [B, L, H], A [H], B, C
+  [B, L, G, N], D [H], final state [B, H, P, N]); dt is passed positive with HF's dt_bias and softplus
+  off (ours takes dt after the softplus).
+
+HF routes both through a dispatcher that would call ``fla`` / ``mamba_ssm`` kernels when those are
+installed; the peers call the function under it (``inspect.unwrap``): always HF's pure-PyTorch path, which
+computes in float32 whatever the input dtype. Before timing, each HF peer checks at a small length
+(:data:`CHECK_LENGTH`) that outputs, final states and every input gradient equal ours: max |ours - HF| /
+max(1, max |ours|) per tensor within :data:`CHECK_TOLERANCE` (the scale matters for gradients of
+hundreds, e.g. SSD's d dt, where float32 rounding alone is 1e-4 absolute); a peer that differs is not
+timed and its row says so. A row's ``max_abs_diff`` is the largest plain difference over those tensors.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -34,9 +61,16 @@ from ..registry import build_model, count_parameters
 from .sweep import budgeted_sweep, time_alternated
 
 PEERS_HINT = "pip install hierseq[peers]"
+HF_HINT = "pip install hierseq[hf]"
 NOT_INSTALLED = f"not installed: {PEERS_HINT}"
+#: the length (or the run's length, if shorter) at which the HF peers are checked against ours
+CHECK_LENGTH = 160
+#: largest allowed max |ours - peer| / max(1, max |ours|) over outputs, final state and input gradients
+CHECK_TOLERANCE = 1e-4
 
 Step = Callable[[], None]
+#: an op in our layout: input tensors -> (output, final state)
+Op = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
 class UnsupportedShape(ValueError):
@@ -57,9 +91,36 @@ class PeerShape:
 
 
 @dataclass(frozen=True)
+class Agreement:
+    """How far a peer's results are from ours: ``max_abs_diff`` the largest |ours - peer| over outputs,
+    final state and input gradients; ``max_scaled_diff`` the largest of those per tensor divided by
+    max(1, max |ours|) of that tensor, and ``worst`` the tensor it is at; ``length`` the checked length."""
+
+    max_abs_diff: float
+    max_scaled_diff: float
+    worst: str
+    length: int
+    tolerance: float = CHECK_TOLERANCE
+
+    @property
+    def ok(self) -> bool:
+        return self.max_scaled_diff <= self.tolerance  # False for NaN
+
+    def row(self) -> dict:
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "max_scaled_diff": self.max_scaled_diff,
+            "max_diff_at": self.worst,
+            "check_length": self.length,
+        }
+
+
+@dataclass(frozen=True)
 class Peer:
     """``make(shape) -> (our step, their step, our params, their params)``; a step runs one forward +
-    backward. ``ours`` is the registry name of the matching model (``None``: not a registry model)."""
+    backward. ``ours`` is the registry name of the matching model (``None``: not a registry model).
+    ``check(shape)``, where given, runs before ``make`` and returns an :class:`Agreement` of ours and
+    theirs: a peer that disagrees is not timed. ``hint``: how to install the peer's package."""
 
     name: str
     package: str
@@ -68,6 +129,8 @@ class Peer:
     ours_label: str
     compared: str
     make: Callable[[PeerShape], tuple[Step, Step, int, int]]
+    check: Callable[[PeerShape], Agreement] | None = None
+    hint: str = PEERS_HINT
 
 
 def fwd_bwd_step(module: torch.nn.Module, x: torch.Tensor) -> Step:
@@ -220,6 +283,222 @@ def _torchhd(binding: str, tensor_class: str) -> Callable[[PeerShape], tuple[Ste
     return make
 
 
+# ------------------------------------------------------------------ op-level peers (transformers)
+def fwd_bwd_results(
+    op: Op, inputs: dict[str, torch.Tensor], weights: Sequence[torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``op(*inputs)`` -> (output, final state), then backward of sum(out * W_out) + sum(state * W_state)
+    on fresh leaves (``inputs`` stay untouched). Returns the output, the state and every input gradient."""
+    leaves = {name: t.detach().clone().requires_grad_() for name, t in inputs.items()}
+    results = op(*leaves.values())
+    _weighted_sum(results, weights).backward()
+    found = {"output": results[0].detach(), "final state": results[1].detach()}
+    for name, t in leaves.items():
+        found[f"d {name}"] = torch.zeros_like(t) if t.grad is None else t.grad
+    return found
+
+
+def agreement(
+    ours: Op, theirs: Op, inputs: dict[str, torch.Tensor], weights: Sequence[torch.Tensor], length: int
+) -> Agreement:
+    """Both ops forward + backward on the same inputs (:func:`fwd_bwd_results`): how far apart their
+    outputs, final states and input gradients are. A NaN, or a shape that differs, is infinitely far."""
+    a, b = fwd_bwd_results(ours, inputs, weights), fwd_bwd_results(theirs, inputs, weights)
+    max_abs, max_scaled, worst = 0.0, -1.0, ""
+    for name, x in a.items():
+        y = b[name]
+        if x.shape != y.shape or not x.numel():
+            diff, scale = (0.0, 1.0) if x.shape == y.shape else (math.inf, 1.0)
+        else:
+            diff, scale = (x - y).abs().max().item(), max(1.0, x.abs().max().item())
+        diff = math.inf if math.isnan(diff) else diff
+        scaled = diff / scale if math.isfinite(scale) else math.inf
+        max_abs = max(max_abs, diff)
+        if scaled > max_scaled:
+            max_scaled, worst = scaled, name
+    return Agreement(max_abs, max_scaled, worst, length)
+
+
+def _weighted_sum(results: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    total = (results[0] * weights[0]).sum()
+    for r, w in zip(results[1:], weights[1:], strict=True):
+        total = total + (r * w).sum()
+    return total
+
+
+def _op_step(op: Op, leaves: Sequence[torch.Tensor], weights: Sequence[torch.Tensor]) -> Step:
+    """One forward + backward of ``op`` on the leaves, loss sum(out * W_out) + sum(state * W_state)."""
+
+    def step() -> None:
+        for t in leaves:
+            t.grad = None
+        _weighted_sum(op(*leaves), weights).backward()
+
+    return step
+
+
+#: (our op, their op, inputs by name, loss weights for output and final state) at one shape and length
+OpSetup = tuple[Op, Op, dict[str, torch.Tensor], list[torch.Tensor]]
+
+
+def _op_peer(setup: Callable[[PeerShape, int], OpSetup]) -> tuple[Callable, Callable]:
+    """(make, check) of an op-level peer from ``setup(shape, length)``: ``check`` compares the two at
+    min(length, :data:`CHECK_LENGTH`), ``make`` times them at the shape's length on shared leaves."""
+
+    def make(shape: PeerShape) -> tuple[Step, Step, int, int]:
+        ours, theirs, inputs, weights = setup(shape, shape.length)
+        leaves = [t.detach().clone().requires_grad_() for t in inputs.values()]
+        return _op_step(ours, leaves, weights), _op_step(theirs, leaves, weights), 0, 0
+
+    def check(shape: PeerShape) -> Agreement:
+        length = min(shape.length, CHECK_LENGTH)
+        return agreement(*setup(shape, length), length)
+
+    return make, check
+
+
+def _mixer_options(config_cls: type, config: dict):
+    """A mixer's options from the speed run's overrides of its model (the overrides that are its fields)."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in config.items() if k in names})
+
+
+def _on(device: torch.device, inputs: dict[str, torch.Tensor], weights: list[torch.Tensor]):
+    return {k: t.to(device) for k, t in inputs.items()}, [w.to(device) for w in weights]
+
+
+def _log_uniform(gen: torch.Generator, shape: Sequence[int], low: float, high: float) -> torch.Tensor:
+    return torch.empty(shape).uniform_(math.log(low), math.log(high), generator=gen).exp()
+
+
+def hf_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's ``torch_chunk_gated_delta_rule`` (Qwen3-Next) in our layout: q, k [B, H, L, dk] unit-norm,
+    v [B, H, L, dv], beta and g = log alpha [B, H, L] -> (o [B, H, L, dv], final state [B, H, dk, dv]).
+    It scales q by dk^-0.5 inside; its in-kernel L2 norm stays off (q, k are unit vectors already)."""
+    from transformers.models.qwen3_next import modeling_qwen3_next
+
+    torch_path = inspect.unwrap(modeling_qwen3_next.torch_chunk_gated_delta_rule)  # not fla's kernel
+    o, state = torch_path(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        g=g.transpose(1, 2),
+        beta=beta.transpose(1, 2),
+        chunk_size=chunk_size,
+        output_final_state=True,
+        use_qk_l2norm_in_kernel=False,
+    )
+    return o.transpose(1, 2), state
+
+
+def ours_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our :func:`~hierseq.ops.delta_rule.gated_delta_rule_chunked` in HF's convention (q scaled by
+    dk^-0.5; our op reads q as given). Arguments and results as :func:`hf_gated_delta_rule`."""
+    from ..ops.delta_rule import gated_delta_rule_chunked
+
+    return gated_delta_rule_chunked(q * q.shape[-1] ** -0.5, k, v, beta, g, chunk_size=chunk_size)
+
+
+def gated_delta_rule_inputs(
+    batch: int, heads: int, length: int, key_dim: int, value_dim: int, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """Inputs like our mixer's (unit-norm q, k; v normal; beta in (0, 1); g = log alpha = -A dt with A in
+    [1, 16] per head and dt log-uniform in [1e-3, 0.1]) and the loss weights of o and the final state."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.nn.functional.normalize(torch.randn(2, batch, heads, length, key_dim, generator=gen), dim=-1)
+    v = torch.randn(batch, heads, length, value_dim, generator=gen)
+    beta = torch.rand(batch, heads, length, generator=gen)
+    g = -torch.empty(heads, 1).uniform_(1.0, 16.0, generator=gen) * _log_uniform(gen, beta.shape, 1e-3, 0.1)
+    weights = [torch.randn(v.shape, generator=gen), torch.randn(batch, heads, key_dim, value_dim, generator=gen)]
+    return {"q": q, "k": k, "v": v, "beta": beta, "g": g}, weights
+
+
+def _gated_delta_rule_setup(shape: PeerShape, length: int) -> OpSetup:
+    """Our ``gated_deltanet`` model's shapes: its heads, dk = key_dim (0: the head width), dv = head width."""
+    from ..mixers.gated_deltanet import GatedDeltaNetMixerConfig
+
+    cfg = _mixer_options(GatedDeltaNetMixerConfig, shape.config)
+    head_dim = shape.config.get("d_model", shape.d_model) // cfg.n_heads
+    data = gated_delta_rule_inputs(shape.batch, cfg.n_heads, length, cfg.key_dim or head_dim, head_dim, shape.seed)
+    ours = functools.partial(ours_gated_delta_rule, chunk_size=cfg.chunk_size)
+    theirs = functools.partial(hf_gated_delta_rule, chunk_size=cfg.chunk_size)
+    return ours, theirs, *_on(shape.device, *data)
+
+
+def hf_ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's ``mamba2_chunk_scan`` (the SSD of ``Mamba2Mixer``), whose layout is ours: x [B, L, H, P], dt
+    [B, L, H] positive (its dt_bias and softplus off), A [H] negative, B, C [B, L, G, N], D [H] ->
+    (y [B, L, H, P], final state [B, H, P, N])."""
+    from transformers.models.mamba2 import modeling_mamba2
+
+    torch_path = inspect.unwrap(modeling_mamba2.mamba2_chunk_scan)  # not mamba_ssm's kernel
+    return torch_path(x, dt, A, B, C, chunk_size, D=D, return_final_states=True)
+
+
+def ours_ssd(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Our :func:`~hierseq.ops.ssd.ssd_chunked`; arguments and results as :func:`hf_ssd`."""
+    from ..ops.ssd import ssd_chunked
+
+    return ssd_chunked(x, dt, A, B, C, D, chunk_size=chunk_size)
+
+
+def ssd_inputs(
+    batch: int, length: int, heads: int, headdim: int, groups: int, d_state: int, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """SSD inputs (x, B, C, D normal; dt log-uniform in [1e-3, 0.1] as our mixer's init gives after the
+    softplus; A in [-16, -1]) and the loss weights of y and the final state."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, length, heads, headdim, generator=gen)
+    dt = _log_uniform(gen, (batch, length, heads), 1e-3, 0.1)
+    A = -torch.empty(heads).uniform_(1.0, 16.0, generator=gen)
+    B, C = torch.randn(2, batch, length, groups, d_state, generator=gen)
+    D = torch.randn(heads, generator=gen)
+    weights = [torch.randn(x.shape, generator=gen), torch.randn(batch, heads, headdim, d_state, generator=gen)]
+    return {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D}, weights
+
+
+def _ssd_setup(shape: PeerShape, length: int) -> OpSetup:
+    """Our ``mamba2`` model's shapes: H = expand d_model / headdim heads, P = headdim, G = ngroups, N = d_state."""
+    from ..mixers.mamba2 import Mamba2MixerConfig
+
+    cfg = _mixer_options(Mamba2MixerConfig, shape.config)
+    heads = cfg.expand * shape.config.get("d_model", shape.d_model) // cfg.headdim
+    data = ssd_inputs(shape.batch, length, heads, cfg.headdim, cfg.ngroups, cfg.d_state, shape.seed)
+    ours = functools.partial(ours_ssd, chunk_size=cfg.chunk_size)
+    theirs = functools.partial(hf_ssd, chunk_size=cfg.chunk_size)
+    return ours, theirs, *_on(shape.device, *data)
+
+
 PEERS: list[Peer] = [
     Peer(
         "x-transformers",
@@ -258,6 +537,26 @@ PEERS: list[Peer] = [
         "unbind(bind(k, v), k), k, v [B, L, D]",
         _torchhd("elementwise", "MAPTensor"),
     ),
+    Peer(
+        "hf-gated-delta-rule",
+        "transformers",
+        "transformers.models.qwen3_next.modeling_qwen3_next",
+        "gated_deltanet",
+        "gated_delta_rule_chunked",
+        "op fwd+bwd, q k [B, H, L, dk] unit, q * dk^-0.5",
+        *_op_peer(_gated_delta_rule_setup),
+        hint=HF_HINT,
+    ),
+    Peer(
+        "hf-mamba2-ssd",
+        "transformers",
+        "transformers.models.mamba2.modeling_mamba2",
+        "mamba2",
+        "ssd_chunked",
+        "op fwd+bwd, x [B, L, H, P], dt after softplus",
+        *_op_peer(_ssd_setup),
+        hint=HF_HINT,
+    ),
 ]
 
 
@@ -288,7 +587,8 @@ def select_peers(peers: bool | Sequence[str]) -> list[Peer]:
         chosen = [p for p in PEERS if p.name in peers]
     if all(import_error(p) for p in chosen):
         packages = sorted({p.package for p in chosen})
-        raise ValueError(f"--peers: none of {packages} is installed; {PEERS_HINT}")
+        hints = " or ".join(sorted({p.hint for p in chosen}, key=lambda h: h != PEERS_HINT))
+        raise ValueError(f"--peers: none of {packages} is installed; {hints}")
     return chosen
 
 
@@ -308,14 +608,16 @@ def run_peers(
     ``configs`` maps a registry name to the overrides the speed run built it with; a peer whose model is
     not among them is noted as skipped. Returns ``{"rows": [...], "notes": [...]}``: a row per (peer,
     length) with ``ours_fwd_bwd_ms``, ``peer_fwd_bwd_ms`` and ``ours_over_peer``, a note per peer that is
-    not installed or was skipped."""
+    not installed or was skipped. A peer with a ``check`` is first compared with ours
+    (:class:`Agreement`): its rows carry ``max_abs_diff`` (also shown in ``compared``), and a peer that
+    differs gets ``status: "differs ..."`` and is not timed."""
     rows: list[dict] = []
     notes: list[dict] = []
     for peer in peers:
         head = {"peer": peer.name, "package": peer.package, "ours": peer.ours_label, "compared": peer.compared}
         error = import_error(peer)
         if error:
-            notes.append({**head, "status": NOT_INSTALLED, "import_error": error})
+            notes.append({**head, "status": f"not installed: {peer.hint}", "import_error": error})
             continue
         if peer.ours is not None and peer.ours not in configs:
             notes.append({**head, "status": f"skipped: {peer.ours} is not among the benchmarked models"})
@@ -324,13 +626,25 @@ def run_peers(
 
         def measure(length: int, peer: Peer = peer, config: dict = config) -> dict:
             shape = PeerShape(batch_size, length, d_model, config, device, seed)
+            checked: dict = {}
             try:
+                if peer.check is not None:
+                    agree = peer.check(shape)
+                    diff = f"max abs diff {agree.max_abs_diff:.1e} at L={agree.length}"
+                    checked = {"compared": f"{peer.compared}; {diff}", **agree.row()}
+                    if not agree.ok:
+                        status = (
+                            f"differs from ours: {diff}, {agree.worst} off by {agree.max_scaled_diff:.1e} of its "
+                            f"scale > {agree.tolerance:g}; not timed"
+                        )
+                        return {"status": status, **checked}
                 ours, theirs, ours_params, peer_params = peer.make(shape)
             except UnsupportedShape as e:
                 return {"status": f"unsupported: {e}"}
             all_times = time_alternated({"ours": ours, "peer": theirs}, repeats, device)
             times = {k: statistics.median(t) for k, t in all_times.items()}
             return {
+                **checked,
                 "status": "ok",
                 "ours_fwd_bwd_ms": 1e3 * times["ours"],
                 "peer_fwd_bwd_ms": 1e3 * times["peer"],
