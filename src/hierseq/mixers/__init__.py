@@ -7,4 +7,4 @@ __all__ = ["MIXERS", "Mixer", "MixerConfig", "get_mixer", "register_mixer", "res
 
 def _ensure_imported() -> None:
     # Importing each mixer module runs its @register_mixer.
-    from . import attention, gated_deltanet, hamt, linear_attention, loglinear, maha, mamba, tree  # noqa: F401
+    from . import attention, gated_deltanet, hamt, linear_attention, loglinear, maha, mamba, mamba2, tree  # noqa: F401

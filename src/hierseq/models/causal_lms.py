@@ -20,6 +20,7 @@ from ..mixers.linear_attention import LinearAttentionMixerConfig
 from ..mixers.loglinear import LogLinearMixerConfig
 from ..mixers.maha import MAHAMixerConfig
 from ..mixers.mamba import MambaMixerConfig
+from ..mixers.mamba2 import Mamba2MixerConfig
 from ..mixers.tree import TreeMixerConfig
 from ..modules.causal_lm import CausalLM
 from ..registry import register
@@ -153,6 +154,17 @@ class MambaConfig(MambaMixerConfig, CausalLMConfig):
 
 
 @dataclass
+class Mamba2Config(Mamba2MixerConfig, CausalLMConfig):
+    """Mamba-2 (SSD) blocks (``mixers/mamba2.py``), no MLP by default as in the reference."""
+
+    mixer_name: ClassVar[str] = "mamba2"
+    mlp: str = "none"
+
+    # d_model 32 -> 4 heads of 16; chunk 16 so the conformance lengths (45, 80 tokens) cross 3-5 chunks.
+    small_mixer: ClassVar[dict[str, Any]] = {"d_state": 8, "headdim": 16, "chunk_size": 16}
+
+
+@dataclass
 class GatedDeltaNetConfig(GatedDeltaNetMixerConfig, CausalLMConfig):
     """Gated DeltaNet (``mixers/gated_deltanet.py``): the delta-rule recurrent control, chunked WY/UT
     training, O(1) decoding state."""
@@ -178,3 +190,4 @@ LinearAttentionLM = _register("linear_attn", LinearAttentionConfig, "LinearAtten
 MambaLM = _register("mamba", MambaConfig, "MambaLM")
 LogLinearLM = _register("loglinear", LogLinearConfig, "LogLinearLM")
 GatedDeltaNetLM = _register("gated_deltanet", GatedDeltaNetConfig, "GatedDeltaNetLM")
+Mamba2LM = _register("mamba2", Mamba2Config, "Mamba2LM")

@@ -49,16 +49,17 @@ def _pairwise_scan(M: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     if n == 1:
         return B
     half = n // 2
-    M_even, M_odd = M[..., 0 : 2 * half : 2, :, :], M[..., 1 : 2 * half : 2, :, :]
-    B_even, B_odd = B[..., 0 : 2 * half : 2, :, :], B[..., 1 : 2 * half : 2, :, :]
+    # Strided slices are copied to contiguous blocks: batched matmuls on them are several times faster.
+    M_even, M_odd = M[..., 0 : 2 * half : 2, :, :].contiguous(), M[..., 1 : 2 * half : 2, :, :].contiguous()
+    B_even, B_odd = B[..., 0 : 2 * half : 2, :, :].contiguous(), B[..., 1 : 2 * half : 2, :, :].contiguous()
     # Pair i is map 2i then map 2i + 1; the composite's M is only needed if there is another level.
     pair_B = torch.baddbmm(B_odd.flatten(0, -3), M_odd.flatten(0, -3), B_even.flatten(0, -3)).view_as(B_odd)
     pair_M = (M_odd @ M_even) if half > 1 else M_odd
     X_odd = _pairwise_scan(pair_M, pair_B)  # the states after maps 1, 3, 5, ...
     # The state after map 2i (i >= 1) is map 2i applied to the state after map 2i - 1.
-    M_rest, B_rest = M[..., 2::2, :, :], B[..., 2::2, :, :]
+    M_rest, B_rest = M[..., 2::2, :, :].contiguous(), B[..., 2::2, :, :].contiguous()
     X_rest = torch.baddbmm(
-        B_rest.flatten(0, -3), M_rest.flatten(0, -3), X_odd[..., : M_rest.shape[-3], :, :].flatten(0, -3)
+        B_rest.flatten(0, -3), M_rest.flatten(0, -3), X_odd[..., : M_rest.shape[-3], :, :].contiguous().flatten(0, -3)
     ).view_as(B_rest)
     X_even = torch.cat((B[..., :1, :, :], X_rest), dim=-3)
     interleaved = torch.stack((X_even[..., :half, :, :], X_odd), dim=-3).flatten(-4, -3)
