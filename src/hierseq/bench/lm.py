@@ -64,13 +64,17 @@ def model_params(name: str, overrides: dict[str, Any]) -> int:
 def matched_overrides(name: str, target_params: int, n_layers: int, base: dict[str, Any] | None = None) -> dict:
     """Config overrides giving ``name`` a parameter count as close as possible to ``target_params`` at
     ``n_layers`` layers, by choosing d_model (multiples of 8; the control's 4 heads where a model has
-    heads). Raises ValueError when no width lands within 10%."""
+    heads; for models with a per-head size ``headdim``, also headdim 32). Raises ValueError when no width
+    lands within 10%."""
     from hierseq.registry import get_entry
 
     fields = get_entry(name).config_cls.field_names()
     best: tuple[float, dict] | None = None
-    for d_model in range(32, 1025, 8):
-        over = {**(base or {}), "d_model": d_model, "n_layers": n_layers}
+    # A model with fixed-size heads (mamba2's headdim) only takes widths in steps of its head size; a
+    # smaller head size is tried too, so its width can land near the target.
+    head_sizes = [{}, {"headdim": 32}] if "headdim" in fields and "headdim" not in (base or {}) else [{}]
+    for d_model, heads in ((d, h) for d in range(32, 1025, 8) for h in head_sizes):
+        over = {**(base or {}), **heads, "d_model": d_model, "n_layers": n_layers}
         if "n_heads" in fields:
             over["n_heads"] = CONTROL_HEADS
         try:
