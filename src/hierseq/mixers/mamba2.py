@@ -32,7 +32,6 @@ O(1) in the sequence length.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import torch
@@ -43,7 +42,7 @@ from ..config import check_choice, check_divisible, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.state import LayerState
 from ..ops.ssd import ssd_chunked, ssd_reference, ssd_step
-from .base import Mixer, MixerConfig, register_mixer
+from .base import Mixer, MixerConfig, init_decay_rates, register_mixer
 
 KERNELS = ("chunked", "reference")
 _NORM_EPS = 1e-5
@@ -167,13 +166,8 @@ class Mamba2(Mixer):
         """The reference init: torch's default for in_proj, then dt_bias, A_log, D and the norm weight."""
         cfg = self.cfg
         self.in_proj.reset_parameters()
+        init_decay_rates(self.A_log, self.dt_bias, (cfg.a_min, cfg.a_max), (cfg.dt_min, cfg.dt_max), cfg.dt_init_floor)
         with torch.no_grad():
-            u = torch.rand(self.n_heads)
-            dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-            dt = dt.clamp(min=cfg.dt_init_floor)
-            # softplus(dt_bias) == dt: inverse softplus is dt + log(1 - exp(-dt)).
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
-            self.A_log.copy_(torch.empty(self.n_heads).uniform_(cfg.a_min, cfg.a_max).log())
             self.D.fill_(1.0)
             self.norm_weight.fill_(1.0)
 
