@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hierseq.modules.causal_conv import CausalDepthwiseConv1d
+from hierseq.modules.causal_conv import ACTIVATIONS, CausalDepthwiseConv1d
 
 ATOL = 1e-6
 
@@ -352,3 +352,18 @@ def test_silu_inside_equals_silu_after_in_values_and_gradients(kernel_size, dila
 def test_unknown_activation_is_refused():
     with pytest.raises(ValueError, match="activation='gelu'"):
         CausalDepthwiseConv1d(4, 3, activation="gelu")
+
+
+@pytest.mark.parametrize(("kernel_size", "dilation", "length"), [(4, 1, 2), (3, 3, 4), (4, 2, 1), (2, 1, 5)])
+def test_backward_with_a_state_longer_than_the_input_equals_the_reference(kernel_size, dilation, length):
+    # The input and state gradients are written shift by shift; a state longer than x clips the shifts.
+    torch.manual_seed(4)
+    for activation in ACTIVATIONS:
+        conv = CausalDepthwiseConv1d(3, kernel_size, dilation=dilation, activation=activation)
+        x = torch.randn(2, length, 3, requires_grad=True)
+        state = torch.randn(2, 3, conv.state_len, requires_grad=True)
+        wrt = (x, state, conv.weight, conv.bias)
+        grads = torch.autograd.grad(conv(x, state).square().sum(), wrt)
+        grads_ref = torch.autograd.grad(conv.forward_reference(x, state).square().sum(), wrt)
+        for g, g_ref in zip(grads, grads_ref, strict=True):
+            torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)

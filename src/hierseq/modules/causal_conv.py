@@ -52,6 +52,32 @@ def _shifted_sum(padded: torch.Tensor, taps: torch.Tensor, bias: torch.Tensor | 
     return y
 
 
+def _grad_input(grad_y: torch.Tensor, taps: torch.Tensor, dilation: int) -> torch.Tensor:
+    """d loss / d x for y = _shifted_sum(padded(x)): x[:, i] feeds y[:, i + s] through the tap k with
+    shift s = (K - 1 - k) d. grad_y: [B, L, C], taps: [C, K] -> [B, L, C]; the last tap (shift 0)
+    writes the buffer, so no zero fill."""
+    kernel, length = taps.shape[1], grad_y.shape[1]
+    grad_x = grad_y * taps[:, kernel - 1]
+    for k in range(kernel - 1):
+        shift = (kernel - 1 - k) * dilation
+        if shift < length:
+            grad_x[:, : length - shift].addcmul_(grad_y[:, shift:], taps[:, k])
+    return grad_x
+
+
+def _grad_state(grad_y: torch.Tensor, taps: torch.Tensor, dilation: int) -> torch.Tensor:
+    """d loss / d state [B, S, C] (time-major, S = (K - 1) d): padded position j < S feeds y[:, j - k d]
+    through tap k. Touches only the first S outputs' gradients."""
+    kernel, length = taps.shape[1], grad_y.shape[1]
+    state_len = (kernel - 1) * dilation
+    grad = grad_y.new_zeros(grad_y.shape[0], state_len, grad_y.shape[2])
+    for k in range(kernel - 1):
+        n = min(state_len - k * dilation, length)
+        if n > 0:
+            grad[:, k * dilation : k * dilation + n].addcmul_(grad_y[:, :n], taps[:, k])
+    return grad
+
+
 class _ShiftedDepthwiseConv(torch.autograd.Function):
     """y[:, t] = act(sum_k padded[:, t + k d] * taps[:, k] + bias), padded = the state then x.
 
@@ -81,20 +107,14 @@ class _ShiftedDepthwiseConv(torch.autograd.Function):
         x, state, taps, bias = ctx.saved_tensors
         kernel, d = taps.shape[1], ctx.dilation
         length = grad_y.shape[1]
-        padded = _padded(x, state, ctx.state_len)
-        if ctx.silu:  # d silu(z) / dz = sigmoid(z) (1 + z (1 - sigmoid(z)))
-            pre = _shifted_sum(padded, taps, bias, d)
-            gate = torch.sigmoid(pre)
-            grad_y = grad_y * gate * pre.mul_(1.0 - gate).add_(1.0)
+        padded = _padded(x, state, ctx.state_len) if ctx.silu or ctx.needs_input_grad[2] else None
+        if ctx.silu:  # one fused kernel for grad * silu'(pre), with pre rebuilt from the saved input
+            grad_y = torch.ops.aten.silu_backward(grad_y, _shifted_sum(padded, taps, bias, d))
         grad_x = grad_state = grad_taps = grad_bias = None
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            # padded[:, j] feeds y[:, j - k] through tap k.
-            grad_padded = torch.zeros_like(padded)
-            for k in range(kernel):
-                grad_padded[:, k * d : k * d + length].addcmul_(grad_y, taps[:, k])
-            grad_x = grad_padded[:, ctx.state_len :]
-            if state is not None and ctx.needs_input_grad[1]:
-                grad_state = grad_padded[:, : ctx.state_len].transpose(1, 2).to(state.dtype)
+        if ctx.needs_input_grad[0]:
+            grad_x = _grad_input(grad_y, taps, d)
+        if state is not None and ctx.needs_input_grad[1]:
+            grad_state = _grad_state(grad_y, taps, d).transpose(1, 2).to(state.dtype)
         if ctx.needs_input_grad[2]:
             grad_taps = torch.stack(
                 [(grad_y * padded[:, k * d : k * d + length]).sum((0, 1)) for k in range(kernel)], dim=1
