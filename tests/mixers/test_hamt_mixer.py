@@ -7,10 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from mixer_checks import assert_carried_state_then_detach, assert_causal_by_perturbation, run_in_segments
 
 from hierseq.mixers.hamt import HAMTMixerConfig, HolographicMemoryMixer
 from hierseq.modules.state import RecurrentState
+from hierseq.ops.delta_rule import gated_delta_rule_step
+from hierseq.ops.vsa import bind, unbind
 
 D = 16
 CONFIGS = [
@@ -18,8 +21,19 @@ CONFIGS = [
     {"binding": "circular"},
     {"binding": "circular", "key_type": "unitary"},
     {"key_type": "l2", "use_gating": False},
+    {"write": "delta"},
+    {"write": "delta", "binding": "circular", "key_type": "unitary"},
+    {"write": "delta", "use_gating": False},
 ]
-IDS = ["elementwise-bipolar", "circular-bipolar", "circular-unitary", "elementwise-l2-nogate"]
+IDS = [
+    "elementwise-bipolar",
+    "circular-bipolar",
+    "circular-unitary",
+    "elementwise-l2-nogate",
+    "delta-elementwise-bipolar",
+    "delta-circular-unitary",
+    "delta-nogate",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -177,3 +191,68 @@ def test_special_init() -> None:
 def test_config_errors_name_field_and_value(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"{field}={value!r}"):
         HAMTMixerConfig(**{field: value}).check(D)
+
+
+# ------------------------------------------------------------------------------------- delta write
+def delta_write_reference(mixer: HolographicMemoryMixer, x: torch.Tensor) -> torch.Tensor:
+    """The delta write from its definition, a loop over tokens: with unit routes r (write) and c (read),
+    M_t = a_t (M_{t-1} - beta_t r_t r_t^T M_{t-1}) + beta_t r_t bind(k_t, v_t)^T and
+    y_t = out(unbind(c_t^T M_t, q_t)). x: [B, L, D] -> y [B, L, D]."""
+    qkv = mixer.conv(mixer.in_proj(x))
+    query, key, value, route, read, beta, log_decay = mixer._features(qkv, x)
+    route, read = F.normalize(route, dim=-1), F.normalize(read, dim=-1)
+    memory = x.new_zeros(x.shape[0], mixer.num_slots, mixer.memory_dim)
+    outputs = []
+    for t in range(x.shape[1]):
+        r, b = route[:, t, :, None], beta[:, t, :, None]
+        memory = log_decay[:, t, :, None].exp() * (memory - b * r * (r.transpose(1, 2) @ memory))
+        memory = memory + b * r * bind(key[:, t], value[:, t], mixer.cfg.binding)[:, None]
+        outputs.append(torch.einsum("bs,bsm->bm", read[:, t], memory))
+    return mixer._output(torch.stack(outputs, dim=1), query, x)
+
+
+@pytest.mark.parametrize("fields", [{}, {"binding": "circular", "key_type": "unitary"}], ids=["map", "hrr"])
+def test_delta_write_equals_its_definition(fields: dict) -> None:
+    mixer = make_mixer(write="delta", **fields)
+    x = random_input(length=29)
+    with torch.no_grad():
+        torch.testing.assert_close(mixer(x)[0], delta_write_reference(mixer, x), rtol=1e-4, atol=1e-5)
+
+
+def test_delta_write_replaces_the_value_stored_under_a_route_and_additive_write_superposes() -> None:
+    # Write (k, v1) then (k, v2) under one route with full strength and no decay, read with k: the
+    # delta write returns v2, the additive write v1 + v2.
+    torch.manual_seed(5)
+    key = torch.randn(1, 1, 32).sign()
+    v1, v2 = torch.randn(1, 1, 32), torch.randn(1, 1, 32)
+    route = F.normalize(torch.randn(1, 1, 2), dim=-1)
+    one, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    memory = None
+    for value in (v1, v2):
+        read, memory = gated_delta_rule_step(route, route, bind(key, value), one, zero, memory)
+    torch.testing.assert_close(unbind(read, key)[0], v2[0], rtol=1e-5, atol=1e-5)
+    additive = bind(key, v1) + bind(key, v2)
+    torch.testing.assert_close(unbind(additive, key), v1 + v2, rtol=1e-5, atol=1e-5)
+
+
+def test_delta_write_changes_the_output() -> None:
+    # The same routers, keys and values with the additive write give another function.
+    delta = make_mixer(write="delta")
+    additive = make_mixer(write="additive")
+    shared = {k: v for k, v in delta.state_dict().items() if not k.startswith(("gate_proj", "decay_bias"))}
+    additive.load_state_dict(shared, strict=False)
+    x = random_input(length=30)
+    with torch.no_grad():
+        assert (delta(x)[0] - additive(x)[0]).abs().max() > 1e-2
+
+
+def test_delta_retention_loss_penalises_forgetting() -> None:
+    # 16 slots hold 8 writes with little interference; forgetting loses all but the last.
+    mixer = make_mixer(write="delta", num_slots=16)
+    x = random_input(length=8)
+    with torch.no_grad():
+        aux = mixer(x, need_aux=True)[2]
+        assert 0.0 < aux.item() < 2.0
+        mixer.decay_bias.fill_(30.0)  # the final memory keeps only the last token
+        forgetful = mixer(x, need_aux=True)[2]
+    assert forgetful.item() > aux.item() + 0.1

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +50,12 @@ from ..config import check_bool, check_choice, check_nonneg_int, check_positive_
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import RMSNorm
 from ..modules.state import RecurrentState
+from ..ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
 from ..ops.slot_memory import slot_memory_chunked, slot_memory_step
 from ..ops.vsa import BINDINGS, KEY_TYPES, bind, make_key, unbind
 from .base import Mixer, MixerConfig, register_mixer
+
+WRITES = ("delta", "additive")
 
 
 @dataclasses.dataclass
@@ -62,11 +66,16 @@ class HAMTMixerConfig(MixerConfig):
     (False: always write, a learned constant decay per slot). decay_rate: per-token retention of the
     fastest slot at init; slot s starts at decay_rate ** (2 ** -s), so slots span time scales.
     conv_kernel: width of the short causal conv on q/k/v. chunk_size: chunk length of the parallel path
-    (speed only, not the result).
+    (speed only, not the result). write: "delta" (a correcting write: what the slots already return
+    for this pair's route is replaced, see the module docstring) or "additive" (superpose only).
     """
 
     hcm_dim: int = 0
     num_slots: int = 4
+    write: str = "additive"
+
+    #: the other write, run through the whole conformance suite like a model of its own.
+    conformance_variants: ClassVar[tuple[dict[str, str], ...]] = ({"write": "delta"},)
     binding: str = "elementwise"
     key_type: str = "bipolar"
     use_gating: bool = True
@@ -86,6 +95,7 @@ class HAMTMixerConfig(MixerConfig):
             raise config_error("decay_rate", self.decay_rate, "must be in (0, 1) (per-token retention)")
         check_positive_int("conv_kernel", self.conv_kernel)
         check_positive_int("chunk_size", self.chunk_size)
+        check_choice("write", self.write, WRITES)
 
 
 @register_mixer("hamt", config=HAMTMixerConfig)
@@ -102,8 +112,10 @@ class HolographicMemoryMixer(Mixer):
         self.write_router = nn.Linear(m, s)  # from the raw key: where a pair is stored
         self.read_router = nn.Linear(m, s)  # from the raw query: which slots a read mixes
         # Per-slot decay offsets; with gating, x_t adds a data-dependent part and sets the write gate.
-        self.decay_bias = nn.Parameter(torch.zeros(s))
-        self.gate_proj = nn.Linear(d, s + 1) if cfg.use_gating else None
+        self.delta = cfg.write == "delta"
+        n_decays = 1 if self.delta else s  # the delta write has one decay for the whole memory
+        self.decay_bias = nn.Parameter(torch.zeros(n_decays))
+        self.gate_proj = nn.Linear(d, n_decays + 1) if cfg.use_gating else None
         self.read_norm = RMSNorm(m)
         self.out_gate = nn.Linear(d, m, bias=False)
         self.out_proj = nn.Linear(m, d, bias=False)
@@ -115,7 +127,9 @@ class HolographicMemoryMixer(Mixer):
         with torch.no_grad():  # a shared conv bias would add one common direction to every value and key
             self.conv.bias.zero_()
         # Slot s forgets -log(decay_rate) * 2^-s per token at init: time scales 1/(1-r), 2/(1-r), ...
-        forget = -math.log(self.cfg.decay_rate) * 0.5 ** torch.arange(self.num_slots, dtype=torch.float32)
+        # The delta write's single decay starts at decay_rate ** (1/8): a half-life of ~108 tokens at 0.95.
+        rates = torch.full((1,), 0.125) if self.delta else 0.5 ** torch.arange(self.num_slots, dtype=torch.float32)
+        forget = -math.log(self.cfg.decay_rate) * rates
         with torch.no_grad():
             self.decay_bias.copy_(torch.log(torch.expm1(forget)))  # softplus^-1
             if self.gate_proj is not None:
@@ -123,10 +137,15 @@ class HolographicMemoryMixer(Mixer):
 
     def _features(self, qkv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """qkv: [..., 3M] after the conv; x: [..., D] the block input at the same positions.
-        Returns query, key, value [..., M] and write, log_decay, read [..., S]."""
+
+        Returns query, key, value [..., M], then for the additive write: write, log_decay, read [..., S]
+        (write = gate * softmax route); for the delta write: the raw write route and read route [..., S]
+        (the delta rule L2-normalises them) and beta, log_decay [..., 1]."""
         q_raw, k_raw, value = qkv.split(self.memory_dim, dim=-1)
         query = make_key(q_raw, self.cfg.key_type, self.cfg.binding)
         key = make_key(k_raw, self.cfg.key_type, self.cfg.binding)
+        if self.delta:
+            return (query, key, value, self.write_router(k_raw), self.read_router(q_raw), *self._delta_gates(x))
         route = self.write_router(k_raw).softmax(-1)
         read = self.read_router(q_raw).softmax(-1)
         if self.gate_proj is not None:
@@ -137,6 +156,13 @@ class HolographicMemoryMixer(Mixer):
             log_decay = -F.softplus(self.decay_bias).expand_as(route)
             write = route
         return query, key, value, write, log_decay, read
+
+    def _delta_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [..., D] -> the delta write's strength beta in (0, 1] and log decay <= 0, each [..., 1]."""
+        if self.gate_proj is None:
+            return torch.ones_like(x[..., :1]), -F.softplus(self.decay_bias).expand_as(x[..., :1])
+        decay_logit, write_logit = self.gate_proj(x).split(1, dim=-1)
+        return torch.sigmoid(write_logit), -F.softplus(decay_logit + self.decay_bias)
 
     def _output(self, memory_read: torch.Tensor, query: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Unbind the slot-mixed memory [..., M] with the query, normalise, gate, project -> [..., D]."""
@@ -162,12 +188,22 @@ class HolographicMemoryMixer(Mixer):
         if state is not None and x.shape[1] == 1:
             return self._step(x, conv_state, memory, want_aux)
         qkv, conv_state = self.conv(self.in_proj(x), conv_state, return_state=True)
-        query, key, value, write, log_decay, read = self._features(qkv, x)
+        features = self._features(qkv, x)
+        query, key, value = features[:3]
         bound = bind(key, value, self.cfg.binding)
-        mixed, memory, chunk_states = slot_memory_chunked(
-            bound, write, log_decay, read, memory, self.cfg.chunk_size, return_chunk_states=True
-        )
-        aux = self._retention_loss(key, value, write, chunk_states) if want_aux else None
+        if self.delta:
+            route, read, beta, log_decay = (t.unsqueeze(1) for t in features[3:])  # one head: [B, 1, L, .]
+            mixed, memory = gated_delta_rule_chunked(
+                read, route, bound.unsqueeze(1), beta[..., 0], log_decay[..., 0], memory, self.cfg.chunk_size, True
+            )
+            mixed = mixed[:, 0]
+            aux = self._delta_retention_loss(key, value, features[3], memory) if want_aux else None
+        else:
+            write, log_decay, read = features[3:]
+            mixed, memory, chunk_states = slot_memory_chunked(
+                bound, write, log_decay, read, memory, self.cfg.chunk_size, return_chunk_states=True
+            )
+            aux = self._retention_loss(key, value, write, chunk_states) if want_aux else None
         return self._output(mixed, query, x), (conv_state, memory), aux
 
     def _step(
@@ -176,10 +212,34 @@ class HolographicMemoryMixer(Mixer):
         """One token with carried state: x [B, 1, D]; cost independent of how many tokens came before."""
         x_t = x[:, 0]
         qkv_t, conv_state = self.conv.step(self.in_proj(x_t), conv_state)
-        query, key, value, write, log_decay, read = self._features(qkv_t, x_t)
-        mixed, memory = slot_memory_step(bind(key, value, self.cfg.binding), write, log_decay, read, memory)
-        aux = self._retention_loss(key[:, None], value[:, None], write[:, None], memory[:, None]) if want_aux else None
+        features = self._features(qkv_t, x_t)
+        query, key, value = features[:3]
+        bound = bind(key, value, self.cfg.binding)
+        if self.delta:
+            route, read = (F.normalize(t, dim=-1).unsqueeze(1) for t in features[3:5])  # [B, 1, S]
+            beta, log_decay = features[5], features[6]  # [B, 1]: the one head
+            mixed, memory = gated_delta_rule_step(read, route, bound.unsqueeze(1), beta, log_decay, memory)
+            mixed = mixed[:, 0]
+            aux = None
+            if want_aux:
+                aux = self._delta_retention_loss(key[:, None], value[:, None], features[3][:, None], memory)
+        else:
+            write, log_decay, read = features[3:]
+            mixed, memory = slot_memory_step(bound, write, log_decay, read, memory)
+            aux = None
+            if want_aux:
+                aux = self._retention_loss(key[:, None], value[:, None], write[:, None], memory[:, None])
         return self._output(mixed, query, x_t).unsqueeze(1), (conv_state, memory), aux
+
+    def _delta_retention_loss(
+        self, key: torch.Tensor, value: torch.Tensor, route: torch.Tensor, memory: torch.Tensor
+    ) -> torch.Tensor:
+        """The retention loss of the delta write: how well the memory after the whole input [B, 1, S, M]
+        still returns each position's value [B, L, M] through its own write route [B, L, S] and key:
+        mean (1 - cosine). Overwriting a pair that is still needed raises it."""
+        slots = torch.einsum("bls,bsm->blm", F.normalize(route, dim=-1), memory[:, 0])
+        recalled = unbind(slots, key, self.cfg.binding)
+        return (1.0 - F.cosine_similarity(recalled, value, dim=-1, eps=1e-6)).mean()
 
     def _retention_loss(
         self, key: torch.Tensor, value: torch.Tensor, write: torch.Tensor, chunk_states: torch.Tensor
