@@ -13,7 +13,7 @@ from mixer_checks import assert_carried_state_then_detach, assert_causal_by_pert
 from hierseq.mixers.hamt import HAMTMixerConfig, HolographicMemoryMixer
 from hierseq.modules.state import RecurrentState
 from hierseq.ops.delta_rule import gated_delta_rule_step
-from hierseq.ops.vsa import bind, unbind
+from hierseq.ops.vsa import bind, identity_key, unbind
 
 D = 16
 CONFIGS = [
@@ -256,3 +256,20 @@ def test_delta_retention_loss_penalises_forgetting() -> None:
         mixer.decay_bias.fill_(30.0)  # the final memory keeps only the last token
         forgetful = mixer(x, need_aux=True)[2]
     assert forgetful.item() > aux.item() + 0.1
+
+
+@pytest.mark.parametrize("binding", ["elementwise", "circular"])
+def test_binding_init_zero_starts_unbound_and_learns_to_bind(binding: str) -> None:
+    # Strength 0: queries and keys are the identity key, so the memory stores values as they are; the
+    # strength still gets a gradient, so training can turn binding on.
+    mixer = make_mixer(binding_init=0.0, binding=binding).train()
+    x = random_input(length=20)
+    qkv = mixer.conv(mixer.in_proj(x))
+    query, key = mixer._features(qkv, x)[:2]
+    identity = identity_key(mixer.memory_dim, binding).expand_as(query)
+    torch.testing.assert_close(query, identity)
+    torch.testing.assert_close(key, identity)
+    mixer(x)[0].square().sum().backward()
+    assert mixer.bind_strength.grad is not None and mixer.bind_strength.grad.abs() > 0
+    with pytest.raises(ValueError, match="binding_init"):
+        HAMTMixerConfig(binding_init=1.5).check(D)

@@ -150,3 +150,20 @@ def test_matches_torchhd_if_installed() -> None:
     hrr_a = torchhd.HRRTensor(a)
     expected = torchhd.bind(hrr_a, torchhd.HRRTensor(b)).as_subclass(torch.Tensor)
     torch.testing.assert_close(vsa.circular_convolution(a, b), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("binding", vsa.BINDINGS)
+def test_identity_key_binds_as_the_identity_and_blend_interpolates(binding):
+    torch.manual_seed(7)
+    value = torch.randn(3, 16)
+    identity = vsa.identity_key(16, binding)
+    torch.testing.assert_close(vsa.bind(identity, value, binding), value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(vsa.unbind(value, identity, binding), value, rtol=1e-5, atol=1e-6)
+    key = vsa.make_key(torch.randn(3, 16), "bipolar", binding)
+    strength = torch.tensor(0.3, requires_grad=True)
+    blended = vsa.blend_key(key, strength, binding)
+    torch.testing.assert_close(blended, 0.3 * key + 0.7 * identity)
+    torch.testing.assert_close(vsa.blend_key(key, torch.tensor(0.0), binding), identity.expand_as(key))
+    torch.testing.assert_close(vsa.blend_key(key, torch.tensor(1.0), binding), key)
+    (grad,) = torch.autograd.grad(blended.sum(), strength)
+    torch.testing.assert_close(grad, (key - identity).sum())

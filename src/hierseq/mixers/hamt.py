@@ -52,7 +52,7 @@ from ..modules.norms import RMSNorm
 from ..modules.state import RecurrentState
 from ..ops.delta_rule import gated_delta_rule_chunked, gated_delta_rule_step
 from ..ops.slot_memory import slot_memory_chunked, slot_memory_step
-from ..ops.vsa import BINDINGS, KEY_TYPES, bind, make_key, unbind
+from ..ops.vsa import BINDINGS, KEY_TYPES, bind, blend_key, make_key, unbind
 from .base import Mixer, MixerConfig, register_mixer
 
 WRITES = ("delta", "additive")
@@ -66,13 +66,17 @@ class HAMTMixerConfig(MixerConfig):
     (False: always write, a learned constant decay per slot). decay_rate: per-token retention of the
     fastest slot at init; slot s starts at decay_rate ** (2 ** -s), so slots span time scales.
     conv_kernel: width of the short causal conv on q/k/v. chunk_size: chunk length of the parallel path
-    (speed only, not the result). write: "delta" (a correcting write: what the slots already return
+    (speed only, not the result). binding_init: the binding strength lambda at init, learned per layer:
+    queries and keys are lambda * key + (1 - lambda) * the identity key (which binds as the identity),
+    so 0 starts as a plain slot memory and learns to bind, 1 binds with the made keys from the start.
+    write: "delta" (a correcting write: what the slots already return
     for this pair's route is replaced, see the module docstring) or "additive" (superpose only).
     """
 
     hcm_dim: int = 0
     num_slots: int = 4
     write: str = "additive"
+    binding_init: float = 1.0
 
     #: the other write, run through the whole conformance suite like a model of its own.
     conformance_variants: ClassVar[tuple[dict[str, str], ...]] = ({"write": "delta"},)
@@ -96,6 +100,10 @@ class HAMTMixerConfig(MixerConfig):
         check_positive_int("conv_kernel", self.conv_kernel)
         check_positive_int("chunk_size", self.chunk_size)
         check_choice("write", self.write, WRITES)
+        if isinstance(self.binding_init, bool) or not isinstance(self.binding_init, (int, float)):
+            raise config_error("binding_init", self.binding_init, "must be a number in [0, 1]")
+        if not 0.0 <= self.binding_init <= 1.0:
+            raise config_error("binding_init", self.binding_init, "must be in [0, 1] (a blend of keys)")
 
 
 @register_mixer("hamt", config=HAMTMixerConfig)
@@ -116,6 +124,7 @@ class HolographicMemoryMixer(Mixer):
         n_decays = 1 if self.delta else s  # the delta write has one decay for the whole memory
         self.decay_bias = nn.Parameter(torch.zeros(n_decays))
         self.gate_proj = nn.Linear(d, n_decays + 1) if cfg.use_gating else None
+        self.bind_strength = nn.Parameter(torch.empty(()))
         self.read_norm = RMSNorm(m)
         self.out_gate = nn.Linear(d, m, bias=False)
         self.out_proj = nn.Linear(m, d, bias=False)
@@ -124,6 +133,8 @@ class HolographicMemoryMixer(Mixer):
     def reset_special_parameters(self) -> None:
         """Inits the generic init (normal weights, zero biases) must not override."""
         self.conv.reset_parameters()
+        with torch.no_grad():
+            self.bind_strength.fill_(self.cfg.binding_init)
         with torch.no_grad():  # a shared conv bias would add one common direction to every value and key
             self.conv.bias.zero_()
         # Slot s forgets -log(decay_rate) * 2^-s per token at init: time scales 1/(1-r), 2/(1-r), ...
@@ -142,8 +153,10 @@ class HolographicMemoryMixer(Mixer):
         (write = gate * softmax route); for the delta write: the raw write route and read route [..., S]
         (the delta rule L2-normalises them) and beta, log_decay [..., 1]."""
         q_raw, k_raw, value = qkv.split(self.memory_dim, dim=-1)
-        query = make_key(q_raw, self.cfg.key_type, self.cfg.binding)
-        key = make_key(k_raw, self.cfg.key_type, self.cfg.binding)
+        query, key = (
+            blend_key(make_key(raw, self.cfg.key_type, self.cfg.binding), self.bind_strength, self.cfg.binding)
+            for raw in (q_raw, k_raw)
+        )
         if self.delta:
             return (query, key, value, self.write_router(k_raw), self.read_router(q_raw), *self._delta_gates(x))
         route = self.write_router(k_raw).softmax(-1)

@@ -191,6 +191,27 @@ def make_key(x: torch.Tensor, key_type: str = "bipolar", binding: str = "element
     return key * math.sqrt(dim) if binding == "elementwise" else key
 
 
+def identity_key(dim: int, binding: str = "elementwise", **tensor_kwargs: Any) -> torch.Tensor:
+    """The key that binds as the identity, bind(e, v) = v = unbind(v, e): [D] ones for elementwise
+    binding, the unit impulse (1, 0, ..., 0) for circular convolution (its spectrum is all ones)."""
+    _check_binding(binding)
+    if binding == "elementwise":
+        return torch.ones(dim, **tensor_kwargs)
+    impulse = torch.zeros(dim, **tensor_kwargs)
+    impulse[0] = 1.0
+    return impulse
+
+
+def blend_key(key: torch.Tensor, strength: torch.Tensor, binding: str = "elementwise") -> torch.Tensor:
+    """strength * key + (1 - strength) * the identity key. key: [..., D]; strength: a scalar tensor.
+
+    At strength 0 binding is the identity (the memory stores values as they are); at 1 the key is
+    used as made by :func:`make_key`. Learned, it lets a memory start as a plain slot memory and bind
+    as far as binding helps."""
+    identity = identity_key(key.shape[-1], binding, dtype=key.dtype, device=key.device)
+    return torch.lerp(identity, key, strength)
+
+
 def superposition_recall(
     dim: int,
     n_pairs: int,
