@@ -24,6 +24,7 @@ CONFIGS = [
     {"write": "delta"},
     {"write": "delta", "binding": "circular", "key_type": "unitary"},
     {"write": "delta", "use_gating": False},
+    {"write": "delta", "binding_init": 0.3, "num_slots": 4},
 ]
 IDS = [
     "elementwise-bipolar",
@@ -33,6 +34,7 @@ IDS = [
     "delta-elementwise-bipolar",
     "delta-circular-unitary",
     "delta-nogate",
+    "delta-half-bound",
 ]
 
 
@@ -46,9 +48,11 @@ def _one_thread():
 
 
 def make_mixer(seed: int = 0, **fields) -> HolographicMemoryMixer:
-    """A small mixer with the special init the LM shell applies (decay rates, write gate, conv)."""
+    """A small mixer with the special init the LM shell applies (decay rates, write gate, conv). Without
+    fields: the additive write with holographic keys from the start (the tests of that write)."""
     torch.manual_seed(seed)
-    cfg = HAMTMixerConfig(**{"hcm_dim": 32, "num_slots": 2, "chunk_size": 8, **fields})
+    base = {"hcm_dim": 32, "num_slots": 2, "chunk_size": 8, "write": "additive", "binding_init": 1.0}
+    cfg = HAMTMixerConfig(**{**base, **fields})
     cfg.check(D)
     mixer = HolographicMemoryMixer(D, cfg)
     mixer.reset_special_parameters()
@@ -76,9 +80,9 @@ def test_signature_state_and_aux() -> None:
         assert isinstance(continued, RecurrentState)
 
 
-def test_hcm_dim_zero_means_twice_the_width() -> None:
+def test_hcm_dim_zero_means_the_width() -> None:
     mixer = make_mixer(hcm_dim=0)
-    assert mixer.memory_dim == 2 * D and mixer.out_proj.in_features == 2 * D
+    assert mixer.memory_dim == D and mixer.out_proj.in_features == D
 
 
 @pytest.mark.parametrize("fields", CONFIGS, ids=IDS)
@@ -233,6 +237,11 @@ def test_delta_write_replaces_the_value_stored_under_a_route_and_additive_write_
     torch.testing.assert_close(unbind(read, key)[0], v2[0], rtol=1e-5, atol=1e-5)
     additive = bind(key, v1) + bind(key, v2)
     torch.testing.assert_close(unbind(additive, key), v1 + v2, rtol=1e-5, atol=1e-5)
+
+
+def test_defaults_are_the_delta_write_with_binding_learned_from_zero() -> None:
+    cfg = HAMTMixerConfig()
+    assert (cfg.write, cfg.binding_init, cfg.num_slots, cfg.hcm_dim) == ("delta", 0.0, 16, 0)
 
 
 def test_delta_write_changes_the_output() -> None:

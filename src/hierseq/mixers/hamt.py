@@ -4,36 +4,44 @@ Each block replaces self-attention with a holographic memory of ``num_slots`` ve
 ``hcm_dim`` per layer (its whole state: O(1) in the context length). Token t
 
 * projects a key, a query and a value (after a short causal depthwise convolution, so the key can be
-  "the previous token" and the value "this token", the classic associative-recall circuit);
-* writes ``bind(key_t, value_t)`` into every slot s with weight ``w^s_t = g_t * r^s_t`` (a sigmoid write
-  gate times a softmax write router over slots, both from content) after decaying the slot by a
-  data-dependent forget factor ``a^s_t`` in (0, 1):
+  "the previous token" and the value "this token", the classic associative-recall circuit), and binds
+  the value to the key: b_t = bind(key_t, value_t) (elementwise with bipolar keys, or circular
+  convolution); the keys are blended with the identity key by a learned binding strength (see
+  ``binding_init``), so a layer can start as a plain slot memory and learn how far to bind;
+* writes b_t into the slots, routed by content, with a data-dependent decay; two writes:
 
-      M^s_t = a^s_t * M^s_{t-1} + w^s_t * bind(key_t, value_t)          (never renormalised)
+  - ``write="delta"`` (default), the correcting write. With the unit write route r_t over the S slots,
+    the write strength beta_t in (0, 1) and the decay a_t in (0, 1]::
 
-* reads ``unbind(sum_s c^s_t M^s_t, query_t)`` with read-mixing weights c_t (a softmax over slots),
-  RMS-normalises the read-out, applies an output gate silu(W x_t) and projects back to d_model.
+        M_t = a_t (M_{t-1} - beta_t r_t r_t^T M_{t-1}) + beta_t r_t b_t^T        M: [S, M]
+
+    what the slots returned under the route r_t is replaced by the new pair instead of added to, so S
+    slots keep up to S routes apart and a repeated key overwrites its old value. This is the gated
+    delta rule with the route as the key and the bound pair as the value; it runs on
+    ``ops/delta_rule.py`` (chunked WY form for training, one-token step for generation).
+  - ``write="additive"``, superposition only: M^s_t = a^s_t M^s_{t-1} + g_t r^s_t b_t with a sigmoid
+    write gate g, a softmax route r and one decay per slot (slots span time scales); it runs on
+    ``ops/slot_memory.py`` (chunked with differences of cumulative log-decays, so nothing overflows).
+
+* reads ``unbind(sum_s c^s_t M^s_t, query_t)`` with read weights c_t over the slots (a softmax for the
+  additive write, a unit vector for the delta write), RMS-normalises the read-out, applies an output
+  gate silu(W x_t) and projects back to d_model.
 
 Because unbinding is linear in the memory and the query is shared by the slots, mixing the slots first
-and unbinding once is exact. The slot memory is then a gated linear recurrence with scalar (per-slot)
-decays, computed two ways that agree to float tolerance:
-
-* :func:`slot_memory_chunked` (training, prefill): within chunks of ``chunk_size`` tokens a causal
-  [C, C] mixing matrix built from *differences* of cumulative log-decays (each exp argument <= 0, so
-  nothing overflows) times the bound vectors (one batched matmul); across chunks the carried state
-  by a linear scan over chunk totals (as in gated linear attention / Mamba-2). No loop over tokens.
-* :func:`slot_memory_step` (generation): one token, cost independent of the context length.
-* :func:`slot_memory_reference`: the recurrence above as a loop over time, for tests.
+and unbinding once is exact, so both writes are linear recurrences with a chunked training form and a
+one-token step that agree to float tolerance, and neither loops over tokens in training.
 
 What the seed got wrong and this file fixes (see ``specs/hamt.md``): keys are a function of content,
 not random vectors redrawn per call (so recall works and eval is deterministic); slots are addressable
 through the routers instead of identical moving averages; the memory is not renormalised each step;
 there is a parallel training form; generation steps the recurrent state instead of re-running the
-prefix; and the auxiliary loss measures *retention* (reading back values written earlier in the chunk
-from the chunk's final state) instead of rewarding overwriting.
+prefix; and the auxiliary loss measures *retention* (reading back values written earlier from a later
+state: the chunk's end for the additive write, the end of the input for the delta write) instead of
+rewarding overwriting. What ours adds for recall (the recurrent-controls issue): random holographic
+keys at init scramble every read, which kept the seed's design at chance on MQAR at L=128, K=8; the
+learned binding strength starting at 0 and the delta write let it learn (``README.md``, MQAR).
 
-The slot-memory op is in ``ops/slot_memory.py``; the seed's API (``HAMTMixerConfig``, ``HAMTModel``) is in
-``compat/hamt.py``.
+The seed's API (``HAMTConfig``, ``HAMTModel``) is in ``compat/hamt.py``.
 """
 
 from __future__ import annotations
@@ -60,32 +68,38 @@ WRITES = ("delta", "additive")
 
 @dataclasses.dataclass
 class HAMTMixerConfig(MixerConfig):
-    """hcm_dim: size M of each memory slot (0 = 2 * d_model). num_slots: S slots per layer; state per
-    layer is S * M floats plus the conv window. binding: "elementwise" or "circular" (FFT). key_type:
-    "bipolar", "unitary" or "l2" (see ``ops/vsa.py``). use_gating: data-dependent write gate and decay
-    (False: always write, a learned constant decay per slot). decay_rate: per-token retention of the
-    fastest slot at init; slot s starts at decay_rate ** (2 ** -s), so slots span time scales.
-    conv_kernel: width of the short causal conv on q/k/v. chunk_size: chunk length of the parallel path
-    (speed only, not the result). binding_init: the binding strength lambda at init, learned per layer:
-    queries and keys are lambda * key + (1 - lambda) * the identity key (which binds as the identity),
-    so 0 starts as a plain slot memory and learns to bind, 1 binds with the made keys from the start.
-    write: "delta" (a correcting write: what the slots already return
-    for this pair's route is replaced, see the module docstring) or "additive" (superpose only).
+    """hcm_dim: size M of each memory slot (0 = d_model). num_slots: S slots per layer; state per layer
+    is S * M floats plus the conv window. write: "delta" (the correcting write: what the slots return
+    under this pair's route is replaced by the new bound pair, so a memory of S slots keeps up to S
+    routes apart, see the module docstring) or "additive" (superpose only, with a softmax route).
+    binding: "elementwise" or "circular" (FFT). key_type: "bipolar", "unitary" or "l2" (see
+    ``ops/vsa.py``). binding_init: the binding strength lambda at init, learned per layer: queries and
+    keys are lambda * key + (1 - lambda) * the identity key (which binds as the identity), so 0 starts as
+    a plain slot memory and learns how far to bind, 1 binds with the made keys from the start (random
+    keys at init scramble every read, and MQAR then never leaves chance). use_gating: data-dependent
+    write gate and decay (False: always write, a learned constant decay). decay_rate: per-token
+    retention at init; additive: of the fastest slot, slot s starts at decay_rate ** (2 ** -s), so
+    slots span time scales; delta: the one decay starts at decay_rate ** (1/8). conv_kernel: width of
+    the short causal conv on q/k/v. chunk_size: chunk length of the parallel path (speed only, not the
+    result).
     """
 
     hcm_dim: int = 0
-    num_slots: int = 4
-    write: str = "additive"
-    binding_init: float = 1.0
-
-    #: the other write, run through the whole conformance suite like a model of its own.
-    conformance_variants: ClassVar[tuple[dict[str, str], ...]] = ({"write": "delta"},)
+    num_slots: int = 16
+    write: str = "delta"
     binding: str = "elementwise"
     key_type: str = "bipolar"
+    binding_init: float = 0.0
     use_gating: bool = True
     decay_rate: float = 0.95
     conv_kernel: int = 4
     chunk_size: int = 32
+
+    #: the other writes and keys, each run through the whole conformance suite like a model of its own.
+    conformance_variants: ClassVar[tuple[dict[str, object], ...]] = (
+        {"write": "additive"},
+        {"write": "additive", "binding_init": 1.0},
+    )
 
     def check(self, d_model: int) -> None:
         check_nonneg_int("hcm_dim", self.hcm_dim)
@@ -113,7 +127,7 @@ class HolographicMemoryMixer(Mixer):
 
     def __init__(self, d_model: int, cfg: HAMTMixerConfig) -> None:
         super().__init__(d_model, cfg)
-        d, m, s = d_model, cfg.hcm_dim or 2 * d_model, cfg.num_slots
+        d, m, s = d_model, cfg.hcm_dim or d_model, cfg.num_slots
         self.memory_dim, self.num_slots = m, s
         self.in_proj = nn.Linear(d, 3 * m, bias=False)  # raw query, key, value
         self.conv = CausalDepthwiseConv1d(3 * m, cfg.conv_kernel)
@@ -206,10 +220,18 @@ class HolographicMemoryMixer(Mixer):
         bound = bind(key, value, self.cfg.binding)
         if self.delta:
             route, read, beta, log_decay = (t.unsqueeze(1) for t in features[3:])  # one head: [B, 1, L, .]
-            mixed, memory = gated_delta_rule_chunked(
-                read, route, bound.unsqueeze(1), beta[..., 0], log_decay[..., 0], memory, self.cfg.chunk_size, True
+            heads_memory = None if memory is None else memory.unsqueeze(1)
+            mixed, heads_memory = gated_delta_rule_chunked(
+                read,
+                route,
+                bound.unsqueeze(1),
+                beta[..., 0],
+                log_decay[..., 0],
+                heads_memory,
+                self.cfg.chunk_size,
+                True,
             )
-            mixed = mixed[:, 0]
+            mixed, memory = mixed[:, 0], heads_memory[:, 0]
             aux = self._delta_retention_loss(key, value, features[3], memory) if want_aux else None
         else:
             write, log_decay, read = features[3:]
@@ -231,8 +253,10 @@ class HolographicMemoryMixer(Mixer):
         if self.delta:
             route, read = (F.normalize(t, dim=-1).unsqueeze(1) for t in features[3:5])  # [B, 1, S]
             beta, log_decay = features[5], features[6]  # [B, 1]: the one head
-            mixed, memory = gated_delta_rule_step(read, route, bound.unsqueeze(1), beta, log_decay, memory)
-            mixed = mixed[:, 0]
+            mixed, heads_memory = gated_delta_rule_step(
+                read, route, bound.unsqueeze(1), beta, log_decay, memory.unsqueeze(1)
+            )
+            mixed, memory = mixed[:, 0], heads_memory[:, 0]
             aux = None
             if want_aux:
                 aux = self._delta_retention_loss(key[:, None], value[:, None], features[3][:, None], memory)
@@ -247,10 +271,10 @@ class HolographicMemoryMixer(Mixer):
     def _delta_retention_loss(
         self, key: torch.Tensor, value: torch.Tensor, route: torch.Tensor, memory: torch.Tensor
     ) -> torch.Tensor:
-        """The retention loss of the delta write: how well the memory after the whole input [B, 1, S, M]
+        """The retention loss of the delta write: how well the memory after the whole input [B, S, M]
         still returns each position's value [B, L, M] through its own write route [B, L, S] and key:
         mean (1 - cosine). Overwriting a pair that is still needed raises it."""
-        slots = torch.einsum("bls,bsm->blm", F.normalize(route, dim=-1), memory[:, 0])
+        slots = torch.einsum("bls,bsm->blm", F.normalize(route, dim=-1), memory)
         recalled = unbind(slots, key, self.cfg.binding)
         return (1.0 - F.cosine_similarity(recalled, value, dim=-1, eps=1e-6)).mean()
 

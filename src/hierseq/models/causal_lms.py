@@ -98,7 +98,7 @@ class HAMTLMConfig(HAMTMixerConfig, CausalLMConfig):
     @property
     def memory_dim(self) -> int:
         """M, the resolved slot size."""
-        return self.hcm_dim or 2 * self.d_model
+        return self.hcm_dim or self.d_model
 
     # chunk_size 16 so the conformance lengths (45, 80) cross several chunk boundaries.
     small_mixer: ClassVar[dict[str, Any]] = {"hcm_dim": 32, "num_slots": 2, "chunk_size": 16}
