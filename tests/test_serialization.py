@@ -58,7 +58,7 @@ def test_directory_holds_only_json_and_safetensors(tmp_path: Path) -> None:
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
     assert files == ["config.json", "model.safetensors"]  # no temporary leftovers, no pickle files
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert config["model_type"] == "transformer" and config["vocab_size"] == V
+    assert config["model_type"] == "hierseq-transformer" and config["vocab_size"] == V  # not transformers' names
     raw = (tmp_path / "m" / "model.safetensors").read_bytes()
     (header_len,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + header_len])  # safetensors: a JSON header, then raw tensor bytes
@@ -148,3 +148,57 @@ def test_unexpected_extra_tensor(saved: Path) -> None:
     save_file(state, str(saved / "model.safetensors"))
     with pytest.raises(ValueError, match="unexpected: \\['extra.weight'\\]"):
         hierseq.load(saved)
+
+
+# ------------------------------------------------------------------------------------------ issue 20
+def test_a_header_edited_to_another_dtype_is_refused(saved: Path) -> None:
+    path = saved / "model.safetensors"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = raw[8 : 8 + n]
+    assert b'"F32"' in header
+    # F32 -> I32 has the same byte size, so the file stays valid and its data would read as garbage integers.
+    path.write_bytes(raw[:8] + header.replace(b'"F32"', b'"I32"', 1) + raw[8 + n :])
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor '.*' is stored as int32, the model's is float32"):
+        hierseq.load(saved)
+
+
+def test_weights_stored_in_another_float_precision_are_cast(saved: Path) -> None:
+    model = hierseq.load(saved)
+    save_file(
+        {k: v.to(torch.bfloat16) for k, v in load_file(str(saved / "model.safetensors")).items()},
+        str(saved / "model.safetensors"),
+    )
+    loaded = hierseq.load(saved)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a.to(torch.bfloat16).float(), b), name
+
+
+def test_directories_of_older_versions_still_load(saved: Path) -> None:
+    config = json.loads((saved / "config.json").read_text())
+    assert config["model_type"] == "hierseq-transformer"
+    (saved / "config.json").write_text(json.dumps({**config, "model_type": "transformer"}))  # before the prefix
+    assert hierseq.load(saved).config.model_type == "transformer"
+
+
+def test_a_failed_save_keeps_the_previous_files(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+
+    def full_disk(model: nn.Module, path: str) -> None:
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("hierseq.serialization.save_model", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hierseq.save(small_transformer(seed=5, d_model=64), saved)
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # no temporary file, nothing replaced
+
+
+def test_saving_something_that_is_not_a_hierseq_model_is_one_line(tmp_path: Path) -> None:
+    class Foreign(nn.Module):
+        config = {"model_type": "transformer"}  # a config, but not a hierseq one
+
+    with pytest.raises(ValueError, match="^model=Foreign: only registered hierseq models can be saved$"):
+        hierseq.save(Foreign(), tmp_path / "m")
+    assert not (tmp_path / "m").exists()

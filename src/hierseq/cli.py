@@ -1,7 +1,10 @@
 """The ``hierseq`` command: list, info, train, eval, generate, demo, bench.
 
-Bad input (unknown model, bad override, missing path, invalid value) ends in a one-line
-``hierseq: error: ...`` on stderr and a non-zero exit code; set HIERSEQ_DEBUG=1 for the traceback.
+Every entry point (these subcommands and ``python -m hierseq.training``, also under ``torchrun``) ends
+through :func:`run_entry_point`: whatever goes wrong - an unknown option, model, field or value, a
+missing or unusable path, a failed write, a non-finite loss - ends in one line ``hierseq: error:
+<argument>=<value>: <rule>`` on stderr (under torchrun from rank 0 only) and a non-zero exit code: 2 for
+bad input, 1 for a run that failed, 130 after Ctrl-C. Set HIERSEQ_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
@@ -9,30 +12,141 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: an option, a value, a path
+EXIT_FAILURE = 1  # the run failed: a write (disk full, read-only), a non-finite loss, an internal error
+EXIT_INTERRUPTED = 130
+DEFAULT_EVAL_SEQ_LEN = 256
+SILENT_RANK_EXIT_DELAY_S = 2.0
+
+
+# ---------------------------------------------------------------------------- the one error path
+class UsageError(ValueError):
+    """A command line argparse refused (unknown option, bad type, missing argument)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """``ArgumentParser`` whose usage errors go through :func:`run_entry_point` like every other error
+    (one line), instead of printing the usage block and exiting by itself."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        where = "" if self.prog == "hierseq" else f"{self.prog}: "  # the line already starts "hierseq:"
+        raise UsageError(f"{where}{message} (see {self.prog} --help)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, unless its help already says what it is (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "default" in text.lower() or default is None or default is False or default == argparse.SUPPRESS:
+            return text
+        if not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(exc).__name__
+
+
+def error_message(exc: BaseException) -> tuple[str, int]:
+    """The one-line message and exit code for an exception that reached an entry point.
+
+    Bad input (``ValueError`` / ``TypeError``: every validator in hierseq raises them as
+    ``name=value: rule``, and missing paths) exits 2; a run that failed (a write into ``out_dir``, a
+    non-finite loss) exits 1; anything else is a bug, reported in one line too, with its type."""
+    from safetensors import SafetensorError
+
+    from hierseq.config import RunStopped
+
+    if isinstance(exc, RunStopped):
+        return _one_line(exc), EXIT_FAILURE
+    if isinstance(exc, (ValueError, TypeError)):
+        return _one_line(exc), EXIT_USAGE
+    if isinstance(exc, OSError):
+        bad_path = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError))
+        code = EXIT_USAGE if bad_path or isinstance(exc, PermissionError) else EXIT_FAILURE
+        if exc.errno is not None and exc.strerror:  # raised by the OS: name the path and the reason
+            where = f"path={exc.filename!r}: " if exc.filename is not None else ""
+            return f"{where}{exc.strerror.lower()}", code
+        return _one_line(exc), code
+    if isinstance(exc, SafetensorError):
+        return f"safetensors: {_one_line(exc)}", EXIT_FAILURE
+    detail = f"internal error: {type(exc).__name__}: {_one_line(exc)} (a bug; HIERSEQ_DEBUG=1 shows the traceback)"
+    return detail, EXIT_FAILURE
+
+
+def _reports_errors() -> bool:
+    """Under torchrun every rank fails alike: only rank 0 prints, so the error appears once."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
+def run_entry_point(body: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
+    """Run an entry point's ``body(argv)`` (``hierseq``, ``python -m hierseq.training``) and turn whatever
+    escapes it into one line ``hierseq: error: <argument>=<value>: <rule>`` on stderr and an exit code
+    (:func:`error_message`); ``--help`` still exits through argparse. HIERSEQ_DEBUG=1 re-raises, so the
+    traceback shows."""
+    try:
+        return body(argv)
+    except KeyboardInterrupt:
+        if _reports_errors():
+            print("hierseq: interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if os.environ.get("HIERSEQ_DEBUG"):
+            raise
+        message, code = error_message(e)
+        sys.stdout.flush()
+        if _reports_errors():
+            print(f"hierseq: error: {message}", file=sys.stderr, flush=True)
+        else:
+            # torchrun stops every worker as soon as one exits: the silent ranks wait a moment, so rank 0
+            # has printed the error before it is stopped.
+            time.sleep(SILENT_RANK_EXIT_DELAY_S)
+        return code
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a positive integer")
+    return value
 
 
 def build_train_config(args: argparse.Namespace):
     """The run's :class:`~hierseq.training.TrainConfig` (any model kind) from (YAML file) <- (--model,
-    --data, --out, --resume flags) <- (--set overrides, :mod:`hierseq.training.overrides`)."""
+    --data, --out, --resume flags) <- (--set overrides, :mod:`hierseq.training.overrides`). Paths are
+    checked by the trainer, before it writes anything."""
     from hierseq.training.config import TrainConfig, load_yaml_mapping
     from hierseq.training.overrides import apply_overrides
 
     data: dict[str, Any] = load_yaml_mapping(args.config) if args.config else {}
     for key, value in (("model", args.model), ("data", args.data), ("out_dir", args.out)):
-        if value:
+        if value is not None:  # `--out ''` is a value (refused by TrainConfig), not "use the default"
             data[key] = value
     if args.resume:
         data["resume"] = True
-    cfg = TrainConfig.from_dict(apply_overrides(data, args.set or []))
-    if cfg.data is not None and not Path(cfg.data).exists():
-        raise FileNotFoundError(f"data={cfg.data!r}: no such file or directory")
-    return cfg
+    return TrainConfig.from_dict(apply_overrides(data, args.set or []))
 
 
 # ---------------------------------------------------------------------------- commands
@@ -67,38 +181,86 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hierseq.training.tasks import task_class
 
     cfg = build_train_config(args)
-    result = train(cfg)
+    result = train(cfg, overwrite=args.overwrite)
     task = task_class(cfg.task)(cfg)
     tested = f", test {task.describe(result['test'])}" if result["test"] is not None else ""
     print(
         f"done: step {result['step']}, val {task.describe(result['val'])}{tested}, "
         f"{result['tokens_per_s']:.0f} tokens/s -> {result['out_dir']}"
     )
+    if result["stopped_reason"] == "interrupted":
+        print(f"hierseq: interrupted at step {result['step']}, saved; add --resume to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 
-def _load_model_dir(path: str):
-    import hierseq
+def _model_dir(path: str) -> Path:
+    """The folder holding config.json + model.safetensors for ``path``: a ``hierseq.save`` or
+    ``save_pretrained`` directory, or a training run directory (its final/, else its checkpoint/)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise FileNotFoundError(f"model_dir={path!r}: no such directory")
+    for candidate in (p, p / "final", p / "checkpoint"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"model_dir={path!r}: holds no saved model (config.json), and no final/ or checkpoint/ of a training run"
+    )
 
-    p = Path(path)
-    if (p / "final" / "config.json").is_file():  # a training run directory
-        p = p / "final"
-    elif (p / "checkpoint" / "config.json").is_file():
-        p = p / "checkpoint"
-    return hierseq.load(p)
+
+def _load_causal_lm(path: str, command: str):
+    """The causal LM saved under ``path``; a one-line error for any other model kind."""
+    import hierseq
+    from hierseq.config import config_error
+
+    model = hierseq.load(_model_dir(path))
+    kind = model.model_kind
+    if kind != "causal_lm":
+        raise config_error(
+            "model_dir",
+            path,
+            f"holds a {kind} model ({model.config.model_type}); `hierseq {command}` works on causal LMs only "
+            "(a training run's metrics.jsonl holds its validation metrics)",
+        )
+    return model
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hierseq.data.corpora import load_corpus
+    from hierseq.data.corpora import check_data_path, load_corpus
     from hierseq.training import evaluate
+    from hierseq.training.run_dir import recorded_run
+    from hierseq.training.tasks import TASKS
 
-    if args.data is not None and not Path(args.data).exists():
-        raise FileNotFoundError(f"data={args.data!r}: no such file or directory")
-    model = _load_model_dir(args.model_dir)
-    corpus = load_corpus(args.data)
-    tokens = getattr(corpus, args.split)
-    result = evaluate(model, tokens, args.seq_len, args.batch_size, args.max_batches)
-    print(f"{args.split}: loss {result['loss']:.4f} nats, {result['bpb']:.4f} bits/byte over {result['tokens']} tokens")
+    model_dir = _model_dir(args.model_dir)
+    run = recorded_run(model_dir)
+    # The data: --data, else the corpus the run recorded (its absolute path), else the embedded corpus.
+    if args.data is not None:
+        data, source = str(check_data_path(args.data, "--data")), "--data"
+    elif run is not None and run.data is not None:
+        data, source = run.data, f"recorded by the run in {str(run.directory)!r}"
+        if not Path(data).exists():
+            raise FileNotFoundError(
+                f"data={data!r}: the corpus recorded by the run in {str(run.directory)!r} is gone; pass --data"
+            )
+    else:
+        data, source = None, "the default"
+        if run is not None:
+            reads_text = TASKS[run.task].reads_text if run.task in TASKS else True  # no task: an lm run
+            source = (
+                f"the run in {str(run.directory)!r} trained on it"
+                if reads_text
+                else f"the default; the run in {str(run.directory)!r} trained on the {run.task} task, not on text"
+            )
+    seq_len = args.seq_len or (run.seq_len if run is not None and run.seq_len else DEFAULT_EVAL_SEQ_LEN)
+    model = _load_causal_lm(args.model_dir, "eval")
+    corpus = load_corpus(data, min_split_len=seq_len + 1)
+    corpus.check_vocab(model.config.vocab_size, name="vocab_size")
+    print(f"data: {corpus.description} ({source})")
+    result = evaluate(model, corpus.split(args.split), seq_len, args.batch_size, args.max_batches)
+    print(
+        f"{args.split}: loss {result['loss']:.4f} nats, {result['bpb']:.4f} bits/byte over {result['tokens']} "
+        f"tokens (seq_len {seq_len})"
+    )
     return 0
 
 
@@ -107,12 +269,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     import hierseq
     from hierseq.data.tokenizer import ByteTokenizer
+    from hierseq.generation import check_sampling_arguments
+    from hierseq.validation import check_input_ids
 
-    model = _load_model_dir(args.model_dir)
+    # Everything is checked before the first byte is printed (`generate ... > file` gets all or nothing).
+    check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     tok = ByteTokenizer()
     prompt = tok.encode(args.prompt)
     if prompt.numel() == 0:
-        raise ValueError("--prompt '': must contain at least one character")
+        raise ValueError("--prompt='': must contain at least one character")
+    model = _load_causal_lm(args.model_dir, "generate")
+    try:
+        check_input_ids(prompt[None], model.config.vocab_size, name="--prompt")
+    except ValueError as e:
+        raise ValueError(f"{e} (the model's vocab_size is {model.config.vocab_size})") from None
     print(args.prompt, end="", flush=True)
     pending: list[int] = []
 
@@ -184,7 +354,7 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
         out_dir=args.out,
         size="full" if args.full else "quick",
         models=_split_list(args.models),
-        data=args.data,
+        data=os.path.expanduser(args.data) if args.data else args.data,
         seeds=_split_list(args.seeds, int),
     )
     return 0
@@ -251,7 +421,7 @@ def cmd_bench_recon(args: argparse.Namespace) -> int:
 def _threads_and_out(p: argparse.ArgumentParser, out: str, func: Any) -> None:
     """The options every training benchmark shares, and its handler."""
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", default=out, help="output directory")
     p.set_defaults(func=func)
 
 
@@ -268,23 +438,55 @@ def _list_options(p: argparse.ArgumentParser, **helps: str) -> None:
         p.add_argument("--" + name.replace("_", "-"), help=f"comma-separated {text}")
 
 
+TOP_EPILOG = (
+    "Errors end in one line on stderr, `hierseq: error: ARGUMENT=VALUE: RULE`, with exit code 2 for bad input "
+    "and 1 for a run that failed (a write into the output folder, a non-finite loss); 130 after Ctrl-C. "
+    "HIERSEQ_DEBUG=1 shows the traceback instead."
+)
+
+TRAIN_EPILOG = (
+    "An --out folder that already holds a run (train_config.yaml, metrics.jsonl, loss.png, final/, checkpoint/) "
+    "is refused unless --resume continues it or --overwrite replaces it. Nothing is written before the whole run "
+    "is validated (config, paths, data, model, checkpoint), so a refused or invalid run leaves the folder as it "
+    "was. Ctrl-C stops after the current step and saves (--resume continues); a second Ctrl-C aborts."
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hierseq", description="Hierarchical sequence models, measured honestly.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = Parser(prog="hierseq", description="Hierarchical sequence models, measured honestly.", epilog=TOP_EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     sub.add_parser("list", help="registered models").set_defaults(func=cmd_list)
 
     p = sub.add_parser("info", help="parameters and config of a model")
-    p.add_argument("model")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override")
+    p.add_argument("model", help="registered model name (see `hierseq list`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override (d_model=128)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("train", help="train any model on its task (YAML config + overrides)")
+    p = sub.add_parser("train", help="train any model on its task (YAML config + overrides)", epilog=TRAIN_EPILOG)
     p.add_argument("--config", help="YAML file of TrainConfig fields (see configs/)")
-    p.add_argument("--model", help="registered model name (overrides the config)")
-    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
-    p.add_argument("--out", help="output directory (default from config: runs/train)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--model", help="registered model name (overrides the config; default: transformer)")
+    p.add_argument(
+        "--data",
+        help="text file or folder, ~ expanded (default: the embedded Austen corpus). A file is split by position "
+        "90/5/5; a folder's *.txt/*.md/*.text files by file from 4 files on (the last ~5%% each, at least one, "
+        "to val and test), else joined and split by position. The run records the absolute path.",
+    )
+    p.add_argument("--out", help="output directory (default: the config's out_dir, else runs/train)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in OUT from its checkpoint/ (bit-exact with unchanged settings). Changed lr, "
+        "warmup_steps, min_lr_ratio, schedule_steps, max_steps, weight_decay, beta1, beta2, grad_clip (and "
+        "the eval/log/save settings) apply from the resumed step on, are logged, and are recorded in "
+        "train_config.yaml and metrics.jsonl; model, task, data, seq_len, batch_size, loader and seed must match",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run already in OUT: its run files are removed once the new run is validated (other "
+        "files stay); without it (or --resume) such an OUT is refused",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -294,29 +496,60 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="loss and bits per byte of a saved model")
-    p.add_argument("model_dir", help="a hierseq.save directory or a training run directory")
-    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
-    p.add_argument("--split", choices=["train", "val", "test"], default="val")
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-batches", type=int, default=None)
+    p = sub.add_parser("eval", help="loss and bits per byte of a saved causal LM")
+    p.add_argument("model_dir", help="a hierseq.save or save_pretrained directory, or a training run directory")
+    p.add_argument(
+        "--data",
+        help="text file or folder (default: the corpus the run recorded, for a run directory; else the embedded "
+        "Austen corpus); the command prints which corpus it read",
+    )
+    p.add_argument("--split", choices=["train", "val", "test"], default="val", help="the split to score")
+    p.add_argument(
+        "--seq-len",
+        type=positive_int,
+        default=None,
+        help=f"window length (default: the run's seq_len, else {DEFAULT_EVAL_SEQ_LEN})",
+    )
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass")
+    p.add_argument(
+        "--max-batches", type=positive_int, default=None, help="score at most this many batches (default: all)"
+    )
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("generate", help="sample text from a saved model")
-    p.add_argument("model_dir")
-    p.add_argument("--prompt", default="It is a truth universally acknowledged")
-    _numeric_options(p, max_new_tokens=200, temperature=0.8, top_p=0.95, seed=0)
-    p.add_argument("--top-k", type=int, default=None)
+    p = sub.add_parser("generate", help="sample text from a saved causal LM")
+    p.add_argument("model_dir", help="a hierseq.save or save_pretrained directory, or a training run directory")
+    p.add_argument("--prompt", default="It is a truth universally acknowledged", help="text to continue")
+    _numeric_options(
+        p,
+        {
+            "max_new_tokens": "bytes to generate",
+            "temperature": "sampling temperature; 0 = greedy",
+            "top_p": "nucleus sampling: keep the most probable tokens up to this mass, in (0, 1]",
+            "seed": "seed of the sampler",
+        },
+        max_new_tokens=200,
+        temperature=0.8,
+        top_p=0.95,
+        seed=0,
+    )
+    p.add_argument("--top-k", type=int, default=None, help="keep only the k most probable tokens (default: all)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("demo", help="train the control on the embedded corpus and report (make demo)")
-    p.add_argument("--out", default="runs/demo")
+    demo_help = (
+        "train every causal LM (or --models) on the embedded corpus at matched parameters and budget, time "
+        "a speed curve, sample the best model; writes OUT/report.md (make demo)"
+    )
+    p = sub.add_parser(
+        "demo",
+        help=demo_help,
+        description=f"{demo_help[0].upper()}{demo_help[1:]}. About 12 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--out", default="runs/demo", help="output directory")
     p.add_argument("--models", help="comma-separated causal LMs or variants (default: every causal LM)")
     p.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks (JSON + Markdown + plot under runs/)")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, parser_class=Parser)
 
     p = bench_sub.add_parser("lm", help="every causal LM on the corpus at matched parameters and budget")
     size = p.add_mutually_exclusive_group()
@@ -325,7 +558,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
     p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
     p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
-    p.add_argument("--out", default="runs/bench/lm")
+    p.add_argument("--out", default="runs/bench/lm", help="output directory")
     p.set_defaults(func=cmd_bench_lm)
 
     p = bench_sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy vs width")
@@ -337,6 +570,10 @@ def make_parser() -> argparse.ArgumentParser:
         seeds="seeds (default 0)",
     )
     recall_helps = {
+        "seq_len": "sequence length",
+        "vocab_size": "vocabulary size",
+        "steps": "training steps per run",
+        "n_layers": "layers per model",
         "n_pairs": "key-value pairs per sequence",
         "batch_size": "sequences per training step",
         "stop_at": "stop a run early once its accuracy reaches this",
@@ -360,18 +597,24 @@ def make_parser() -> argparse.ArgumentParser:
         lengths="sequence lengths of the speed part (default 1024..16384)",
     )
     p.add_argument("--steps", type=int, help="training steps per run (default: the size's)")
-    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-speed", action="store_true", help="skip the speed part")
     _threads_and_out(p, "runs/bench/recon", cmd_bench_recon)
 
     p = bench_sub.add_parser("speed", help="time and memory vs sequence length")
-    p.add_argument("--out", default="runs/bench/speed")
+    p.add_argument("--out", default="runs/bench/speed", help="output directory")
     p.add_argument(
         "--models",
         help="comma-separated registry names or variants NAME:KEY=VALUE[+KEY=VALUE] "
         "(e.g. tree,tree:sibling_mode=exact); default: every causal LM",
     )
     p.add_argument("--lengths", help="comma-separated sequence lengths (default 512..32768)")
-    speed_helps = {"time_budget": "seconds per model before stopping it"}
+    speed_helps = {
+        "time_budget": "seconds per model before stopping it",
+        "repeats": "timed repeats per length",
+        "d_model": "model width",
+        "n_layers": "layers per model",
+        "batch_size": "sequences per batch",
+    }
     _numeric_options(p, speed_helps, repeats=3, time_budget=60.0, d_model=256, n_layers=4, batch_size=1)
     p.add_argument(
         "--gen-contexts",
@@ -389,20 +632,14 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(argv: list[str] | None) -> int:
+    args = make_parser().parse_args(argv)
+    return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        if os.environ.get("HIERSEQ_DEBUG"):
-            raise
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"hierseq: error: {msg}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("hierseq: interrupted", file=sys.stderr)
-        return 130
+    """The ``hierseq`` command; returns the exit code (errors: one line on stderr, see :func:`run_entry_point`)."""
+    return run_entry_point(_run, argv)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,11 @@ def config_error(name: str, value: Any, rule: str) -> ValueError:
     return ValueError(f"{name}={value!r}: {rule}")
 
 
+class RunStopped(RuntimeError):
+    """A run that stopped itself (a non-finite loss or gradient): the message says at which step, why, and
+    what was kept. Entry points report it in one line, like bad input (:func:`hierseq.cli.run_entry_point`)."""
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise config_error(name, value, "must be a positive integer")

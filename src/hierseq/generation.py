@@ -18,22 +18,23 @@ from torch import nn
 from .config import config_error
 from .modules.causal_lm import CausalLM
 
-__all__ = ["generate", "sample_next_token"]
+__all__ = ["check_sampling_arguments", "generate", "sample_next_token"]
 
 Prompt = torch.Tensor | Sequence[int]
 StepCallback = Callable[[int, torch.Tensor], None]
 
 
-def _check_arguments(
+def check_sampling_arguments(
     max_new_tokens: Any,
-    temperature: Any,
-    top_k: Any,
-    top_p: Any,
-    seed: Any,
-    eos_id: Any,
-    vocab_size: int | None,
+    temperature: Any = 1.0,
+    top_k: Any = None,
+    top_p: Any = None,
+    seed: Any = None,
+    eos_id: Any = None,
+    vocab_size: int | None = None,
 ) -> None:
-    """Raise ``ValueError("name=value: rule")`` for the first invalid sampling argument."""
+    """Raise ``ValueError("name=value: rule")`` for the first invalid argument of :func:`generate` (the
+    CLI calls it before it prints anything)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise config_error("max_new_tokens", max_new_tokens, "must be an integer >= 0")
     if (
@@ -164,8 +165,11 @@ def generate(
     Runs under ``torch.no_grad()`` with the model in eval mode; each submodule's previous training
     mode is restored afterwards.
     """
+    kind = getattr(model, "model_kind", "causal_lm")  # set on every registered model class
+    if kind != "causal_lm":
+        raise config_error("model", type(model).__name__, f"is a {kind} model; generate needs a causal LM")
     vocab_size = getattr(getattr(model, "config", None), "vocab_size", None)
-    _check_arguments(max_new_tokens, temperature, top_k, top_p, seed, eos_id, vocab_size)
+    check_sampling_arguments(max_new_tokens, temperature, top_k, top_p, seed, eos_id, vocab_size)
     device = _model_device(model)
     rows, was_tensor = _as_prompt_rows(prompts, device)
 

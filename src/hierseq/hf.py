@@ -34,7 +34,6 @@ Conventions that differ from the native API, on purpose, to match what transform
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,6 +46,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import BaseConfig
 from .registry import get_entry, list_models
+from .serialization import MODEL_TYPE_PREFIX
 from .serialization import load as load_native
 
 __all__ = [
@@ -61,8 +61,6 @@ __all__ = [
     "register_all",
     "wrap",
 ]
-
-MODEL_TYPE_PREFIX = "hierseq-"
 
 
 # ========================================================================================== cache
@@ -171,8 +169,9 @@ class HierseqConfig(PreTrainedConfig):
 
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> tuple[dict, dict]:
-        """transformers' loader, taught to read a native ``hierseq.save`` config.json as well: its
-        ``model_type`` is the bare registry name, which is translated to ``hierseq-<name>``."""
+        """transformers' loader, taught to read a native ``hierseq.save`` config.json as well. Native
+        directories name their model ``hierseq-<name>`` like these configs do (so ``AutoConfig`` finds
+        them); those of older hierseq versions hold the bare registry name, translated here."""
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
         if cls.hierseq_name and config_dict.get("model_type") == cls.hierseq_name:
             config_dict = {**config_dict, "model_type": cls.model_type}
@@ -250,6 +249,11 @@ class HierseqForCausalLM(PreTrainedModel, GenerationMixin):
             owner, _, attr = name.rpartition(".")
             module = self.get_submodule(owner) if owner else self
             setattr(module, attr, value.to(device=getattr(module, attr).device))
+
+    @property
+    def native_model(self) -> nn.Module:
+        """The native hierseq model this wrapper holds (``hierseq.save(wrapper, dir)`` saves it)."""
+        return self.model
 
     def get_input_embeddings(self) -> nn.Module:
         """The native token embedding (the first ``nn.Embedding`` over the vocabulary)."""
@@ -606,17 +610,9 @@ def wrap(native_model: nn.Module, **hf_config_kwargs: Any) -> HierseqForCausalLM
 
 
 def from_native(directory: str | Path, **hf_config_kwargs: Any) -> HierseqForCausalLM:
-    """Load a ``hierseq.save`` directory as a transformers model (``save_pretrained`` converts it)."""
-    directory = Path(directory)
-    cfg = directory / "config.json"
-    if cfg.is_file():
-        model_type = json.loads(cfg.read_text()).get("model_type", "")
-        if isinstance(model_type, str) and model_type.startswith(MODEL_TYPE_PREFIX):
-            raise ValueError(
-                f"directory={str(directory)!r}: holds a transformers checkpoint ({model_type}); "
-                "use AutoModelForCausalLM.from_pretrained"
-            )
-    return wrap(load_native(directory), **hf_config_kwargs)
+    """Load a ``hierseq.save`` directory (or a ``save_pretrained`` one: ``hierseq.load`` reads both) as a
+    transformers model; ``save_pretrained`` then writes it in the transformers layout."""
+    return wrap(load_native(Path(directory)), **hf_config_kwargs)
 
 
 register_all()

@@ -1,4 +1,11 @@
-"""Save / load a model as ``config.json`` + ``model.safetensors`` (no pickle anywhere)."""
+"""Save / load a model as ``config.json`` + ``model.safetensors`` (no pickle anywhere).
+
+``config.json`` names the model ``"model_type": "hierseq-<name>"`` (the registry name behind a prefix:
+bare names such as ``mamba`` are transformers' own model types, and ``AutoModelForCausalLM`` would pick
+its Mamba for them). :func:`load` reads three kinds of directories: these, those of older hierseq
+versions (bare ``model_type``), and ``save_pretrained`` directories of :mod:`hierseq.hf` (the native
+fields among transformers' own, weights under the wrapper's ``model.`` prefix).
+"""
 
 from __future__ import annotations
 
@@ -14,23 +21,44 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from .config import BaseConfig
 from .registry import get_entry
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+#: prefix of ``model_type`` in config.json (shared with hierseq.hf's transformers configs).
+MODEL_TYPE_PREFIX = "hierseq-"
+#: the key a transformers ``save_pretrained`` config.json has and a native one has not.
+_HF_MARKER = "transformers_version"
+#: prefix of the native weights inside a hierseq.hf wrapper (its ``base_model_prefix``).
+_HF_WEIGHTS_PREFIX = "model."
+
+
+def native_model_type(model_type: Any) -> Any:
+    """The registry name behind a config.json ``model_type`` (``hierseq-mamba`` and ``mamba`` -> ``mamba``)."""
+    if isinstance(model_type, str) and model_type.startswith(MODEL_TYPE_PREFIX):
+        return model_type[len(MODEL_TYPE_PREFIX) :]
+    return model_type
 
 
 def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write ``model`` to ``directory`` (created if needed). Files are written to temporary names and
+    """Write ``model`` (a registered hierseq model, or its :mod:`hierseq.hf` wrapper, saved as the native
+    model it holds) to ``directory`` (created if needed). Files are written to temporary names and
     renamed, so an interrupted save never leaves a half-written file under the final name."""
+    native = getattr(model, "native_model", None)  # a hierseq.hf wrapper: save what it wraps
+    if isinstance(native, nn.Module):
+        model = native
     config = getattr(model, "config", None)
-    if config is None or not getattr(config, "model_type", ""):
+    if not isinstance(config, BaseConfig) or not getattr(config, "model_type", ""):
         raise ValueError(f"model={type(model).__name__}: only registered hierseq models can be saved")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(config.to_json() + "\n"))
+    data = {**config.to_dict(), "model_type": MODEL_TYPE_PREFIX + config.model_type}
+    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    # Weights first: a failure leaves the previous config.json, which still describes the previous weights.
     # save_model de-duplicates tied tensors (e.g. the embedding shared with the LM head).
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_model(model, p))
+    atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
     return directory
 
 
@@ -60,12 +88,22 @@ def load_config(directory: str | Path):
         raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{CONFIG_NAME}: must be a JSON object with a 'model_type' field")
-    entry = get_entry(data["model_type"])
+    entry = get_entry(native_model_type(data["model_type"]))
+    if _is_hf_config(data):
+        # transformers adds its own fields (dtype, token ids, transformers_version ...): keep the native ones.
+        data = {k: v for k, v in data.items() if k in entry.config_cls.field_names()}
+    else:
+        data = {**data, "model_type": entry.name}
     return entry, entry.config_cls.from_dict(data)
 
 
+def _is_hf_config(data: dict[str, Any]) -> bool:
+    return _HF_MARKER in data
+
+
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model saved in ``directory``; weights must match the config exactly."""
+    """Rebuild the model saved in ``directory`` (by :func:`save`, or by ``save_pretrained`` of its
+    :mod:`hierseq.hf` wrapper); weights must match the config exactly: names, shapes and dtypes."""
     directory = Path(directory)
     entry, config = load_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -75,9 +113,23 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{WEIGHTS_NAME}: unreadable or truncated ({e})") from None
+    if _is_hf_config(json.loads((directory / CONFIG_NAME).read_text())):
+        state = {_strip(k, _HF_WEIGHTS_PREFIX): v for k, v in state.items()}
     model = entry.model_cls(config)
     load_state_exact(model, state, source=str(weights_path))
     return model
+
+
+def _strip(name: str, prefix: str) -> str:
+    return name[len(prefix) :] if name.startswith(prefix) else name
+
+
+def _dtype_kind(dtype: torch.dtype) -> str:
+    if dtype == torch.bool:
+        return "bool"
+    if dtype.is_complex:
+        return "complex"
+    return "floating-point" if dtype.is_floating_point else "integer"
 
 
 def load_state_exact(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -105,5 +157,12 @@ def load_state_exact(model: nn.Module, state: dict[str, torch.Tensor], source: s
         if tuple(t.shape) != tuple(own[name].shape):
             raise ValueError(
                 f"{source}: tensor {name!r} has shape {tuple(t.shape)}, config needs {tuple(own[name].shape)}"
+            )
+        # The file's header says how its bytes read; another kind (I32 where the model has F32) would be
+        # reinterpreted garbage. Another precision of the same kind (bf16 weights) is cast, as intended.
+        if _dtype_kind(t.dtype) != _dtype_kind(own[name].dtype):
+            raise ValueError(
+                f"{source}: tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}, the model's is "
+                f"{str(own[name].dtype).removeprefix('torch.')}: a damaged or foreign file"
             )
     model.load_state_dict(filled, strict=True)

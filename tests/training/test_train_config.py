@@ -102,7 +102,15 @@ def test_every_kind_gets_its_default_task(model, task):
         ),
         ({"model": "hiss", "batch_size": 2048}, r"^batch_size=2048: must be <= task_options.n_train=1024"),
         ({"model": "hiss", "task_options": {"signal": "x"}}, r"^task_options.signal='x': must be one of \['hidden_dyn"),
-        ({"model": "hiss", "model_config": {"d_in": 3}}, r"^d_in=3: the regression task imu_integration .* d_in=6"),
+        (
+            {"model": "hiss", "model_config": {"d_in": 3}},
+            r"^model_config.d_in=3: follows from the regression task \(signal 'imu_integration'.*d_in=6",
+        ),
+        (
+            {"model": "hiss", "model_config": {"chunk_size": 7}},
+            r"^model_config.chunk_size=7: the regression task sets it from task_options.chunk_size=10 .*"
+            r"--set task.chunk_size=7 instead",
+        ),
         ({"model": "hama", "task": "masked_signal", "model_config": {"d_input": 3}}, r"^d_input=3: .*channels=8"),
         ({"model": "hama", "model_config": {"input_type": "continuous"}}, r"^input_type='continuous': .*'tokens'"),
         ({"model": "flat_mae", "model_config": {"vocab_size": 100}}, r"^vocab_size=100: the masked_bytes task needs"),

@@ -2,8 +2,11 @@
 
 - ``load_corpus(None)``: the embedded Jane Austen novels, split by novel (:data:`SPLIT`).
 - ``load_corpus("file.txt")``: one text file, split by position 90 / 5 / 5 (contiguous).
-- ``load_corpus("folder/")``: its text files (recursively, sorted by path); with >= 3 files the split is
-  by file (the last files go to test, the ones before them to val), otherwise by position.
+- ``load_corpus("folder/")``: its text files (recursively, sorted by path); with >= 4 files the split is
+  by file (about 5% of the files each, at least one, to val and test: the last files in sorted order),
+  otherwise the files are joined and split by position, so a folder of 2 or 3 files trains on all of
+  them rather than on one. ``Corpus.description`` says which files went where (the trainer logs it).
+- ``~`` is expanded; anything but a regular file or a folder (``/dev/zero``, a FIFO) is refused.
 
 Text is kept as raw UTF-8 bytes (``torch.uint8``); the byte tokenizer is the identity on them.
 """
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from ..config import config_error
+
 #: The embedded corpus split, by novel (file stem in ``data/corpora/``).
 SPLIT: dict[str, list[str]] = {
     "train": ["emma", "mansfieldpark", "prideprejudice", "sensesensibility"],
@@ -29,6 +34,10 @@ SEPARATOR = b"\n\n"
 
 #: File suffixes read from a user folder.
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+#: A folder is split by file from this many text files on (with fewer, holding out one file each for
+#: val and test would leave at most one file to train on).
+MIN_FILES_FOR_FILE_SPLIT = 4
 
 #: Position split of a single text: train / val / test fractions.
 POSITION_FRACTIONS = (0.90, 0.05, 0.05)
@@ -54,6 +63,19 @@ class Corpus:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+    def max_token(self) -> int:
+        """The largest byte value in any split (-1 for an empty corpus)."""
+        return max((int(t.max()) for t in (self.train, self.val, self.test) if len(t)), default=-1)
+
+    def check_vocab(self, vocab_size: int, name: str = "model_config.vocab_size") -> None:
+        """Refuse a model vocabulary that cannot hold every byte of this corpus (one line, naming ``name``)."""
+        top = self.max_token()
+        if top >= vocab_size:
+            raise ValueError(
+                f"{name}={vocab_size!r}: the corpus {self.name!r} holds byte values up to {top}, so the model "
+                f"needs vocab_size >= {top + 1} (256 covers every byte)"
+            )
 
 
 def _to_tensor(data: bytes) -> torch.Tensor:
@@ -101,9 +123,7 @@ def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpu
     if path is None:
         corpus = _embedded_corpus()
     else:
-        p = Path(path).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"data={str(path)!r}: no such file or directory")
+        p = check_data_path(path)
         corpus = _load_folder(p) if p.is_dir() else _load_file(p)
     for split, tokens in corpus.sizes().items():
         if tokens < min_split_len:
@@ -112,6 +132,17 @@ def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpu
                 f"(one window of seq_len + 1); {corpus.description}. Use more text or a shorter seq_len."
             )
     return corpus
+
+
+def check_data_path(path: str | Path, name: str = "data") -> Path:
+    """``path`` with ``~`` expanded, when it is a regular file or a folder; else a one-line error (a
+    missing path, or a device / FIFO such as ``/dev/zero`` that would be read forever)."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{name}={str(path)!r}: no such file or directory")
+    if not (p.is_dir() or p.is_file()):
+        raise config_error(name, str(path), "is not a regular file or a folder of text files")
+    return p
 
 
 def _split_by_position(data: bytes) -> tuple[bytes, bytes, bytes]:
@@ -150,12 +181,12 @@ def _load_folder(folder: Path) -> Corpus:
             f"{list(TEXT_SUFFIXES)}, searched recursively)"
         )
     rel = [f.relative_to(folder).as_posix() for f in files]
-    if len(files) < 3:
+    if len(files) < MIN_FILES_FOR_FILE_SPLIT:
         data = SEPARATOR.join(f.read_bytes() for f in files)
         train, val, test = _split_by_position(data)
         description = (
             f"folder {str(folder)!r}: {len(files)} text file(s) {rel} ({len(data)} bytes) joined and split by "
-            "position 90/5/5 (contiguous), since fewer than 3 files cannot be split by file"
+            f"position 90/5/5 (contiguous), since fewer than {MIN_FILES_FOR_FILE_SPLIT} files are not split by file"
         )
     else:
         # By file: about 5% of the files each to val and test, at least one each; the last files in

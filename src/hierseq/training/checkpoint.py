@@ -11,7 +11,9 @@ Layout of ``out_dir/checkpoint/``::
 Atomicity: the whole checkpoint is written into ``checkpoint.tmp/``; only when complete is the previous
 ``checkpoint/`` renamed to ``checkpoint.old/``, the new one renamed into place, and the old one deleted.
 A crash at any point leaves either ``checkpoint/`` or ``checkpoint.old/`` complete, and
-:func:`find_checkpoint` picks whichever exists (``checkpoint/`` first).
+:func:`find_checkpoint` picks whichever exists (``checkpoint/`` first). The run's ``final/`` model is
+written the same way (:func:`save_final`). A write that fails (disk full, read-only file system) removes
+its ``.tmp/`` folder, keeps the previous one, and raises a one-line ``OSError``.
 """
 
 from __future__ import annotations
@@ -19,18 +21,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..serialization import save as save_model
+from .run_dir import write_error
 
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 CHECKPOINT = "checkpoint"
+FINAL = "final"
 FORMAT_VERSION = 1
 
 
@@ -92,21 +98,28 @@ def _write_trainer_state(directory: Path, state: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def save_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
-    """Atomically write ``out_dir/checkpoint/`` holding ``model`` (hierseq format) and ``state``.
+def replace_dir(out_dir: str | Path, name: str, write: Callable[[Path], None], what: str) -> Path:
+    """Atomically (re)write the folder ``out_dir/name`` with ``write(folder)``.
 
-    The previous checkpoint stays intact and loadable until the new one is completely written."""
+    Everything is written into ``name.tmp/``; only when complete is the previous ``name/`` renamed to
+    ``name.old/``, the new one renamed into place and the old one deleted, so the previous folder stays
+    intact and loadable until the new one is complete. A failed write (disk full, read-only file
+    system, ...) removes ``name.tmp/`` and raises a one-line ``OSError`` naming ``what``."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = out_dir / CHECKPOINT, out_dir / f"{CHECKPOINT}.tmp", out_dir / f"{CHECKPOINT}.old"
-    if tmp.exists():  # leftover of an interrupted save: never complete, safe to drop
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_model(model, tmp)
-    _write_trainer_state(tmp, state)
+    final, tmp, old = out_dir / name, out_dir / f"{name}.tmp", out_dir / f"{name}.old"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # leftover of an interrupted save: never complete, safe to drop
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+    except (OSError, SafetensorError) as e:
+        # A write that failed (a kill cannot get here: its torn .tmp/ is dropped by the next save).
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(what, out_dir, e) from e
     if final.exists():
         if old.exists():
-            if not (final / STATE_JSON).is_file():  # pragma: no cover - final is always complete
+            if name == CHECKPOINT and not (final / STATE_JSON).is_file():  # pragma: no cover - always complete
                 raise RuntimeError(f"{final}: incomplete checkpoint next to {old}; refusing to delete either")
             shutil.rmtree(old)
         _rename(final, old)
@@ -114,6 +127,24 @@ def save_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def save_checkpoint(out_dir: str | Path, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Atomically write ``out_dir/checkpoint/`` holding ``model`` (hierseq format) and ``state``.
+
+    The previous checkpoint stays intact and loadable until the new one is completely written; a failed
+    write leaves no ``checkpoint.tmp/`` behind and raises a one-line ``OSError``."""
+
+    def write(folder: Path) -> None:
+        save_model(model, folder)
+        _write_trainer_state(folder, state)
+
+    return replace_dir(out_dir, CHECKPOINT, write, "the checkpoint")
+
+
+def save_final(out_dir: str | Path, model: nn.Module) -> Path:
+    """Atomically write the run's model to ``out_dir/final/`` (as :func:`save_checkpoint` does)."""
+    return replace_dir(out_dir, FINAL, lambda folder: save_model(model, folder), "the final model")
 
 
 def find_checkpoint(out_dir: str | Path) -> Path | None:

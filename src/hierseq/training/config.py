@@ -12,6 +12,7 @@ import yaml
 
 from ..config import config_error
 from ..registry import build_config, get_entry
+from .run_dir import canonical_data
 from .tasks import DEFAULT_TASKS, TASKS, task_class
 
 
@@ -25,7 +26,8 @@ class TrainConfig:
     model_config: dict = field(default_factory=dict)  # overrides of the model config fields
     task: str | None = None  # "lm" | "mqar" | "masked_bytes" | "masked_signal" | "regression"; null = kind's default
     task_options: dict = field(default_factory=dict)
-    data: str | None = None  # text tasks: None = embedded Austen; else a text file or folder
+    data: str | None = None  # text tasks: None = embedded Austen; else a text file or folder (~ expanded,
+    # recorded as an absolute path: the run's record of its corpus, see run_dir.canonical_data)
     seq_len: int = 256
     batch_size: int = 16  # GLOBAL sequences per optimiser step (split over DDP ranks and micro-steps)
     grad_accum: int = 1
@@ -60,10 +62,13 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def _coerce(self) -> None:
-        """YAML 1.1 reads ``1e-3`` as a string and ``2`` as an int: accept both for float fields."""
+        """YAML 1.1 reads ``1e-3`` as a string and ``2`` as an int: accept both for float fields; and
+        an integral number written as a float (``max_steps=1e3``, ``2.0``) for int fields."""
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.type in ("float", float) and not isinstance(value, bool):
+            if isinstance(value, bool):
+                continue
+            if f.type in ("float", float):
                 if isinstance(value, int):
                     setattr(self, f.name, float(value))
                 elif isinstance(value, str):
@@ -71,6 +76,10 @@ class TrainConfig:
                         setattr(self, f.name, float(value))
                     except ValueError:
                         pass  # validate() names the field
+            elif f.type in ("int", int):
+                integral = _integral(value)
+                if integral is not None:
+                    setattr(self, f.name, integral)
         if isinstance(self.data, Path):
             self.data = str(self.data)
         if isinstance(self.out_dir, Path):
@@ -124,6 +133,8 @@ class TrainConfig:
         self._task_opts = task.resolve(self)
         model_config = build_config(self.model, **self.model_overrides())  # names the bad model field
         task.check_model_config(model_config, self, self._task_opts)
+        # Recorded as an absolute path (the run directory's record of its corpus; see run_dir).
+        self.data = canonical_data(self.data)
 
     @property
     def task_opts(self) -> dict[str, Any]:
@@ -181,6 +192,18 @@ def load_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise config_error("config", str(path), "top level must be a mapping of TrainConfig fields")
     return data
+
+
+def _integral(value: Any) -> int | None:
+    """``value`` as an int when it is an integral float or a number string (``1e3``, ``"1e3"``, ``2.0``)."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

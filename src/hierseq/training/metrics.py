@@ -29,20 +29,24 @@ class MetricsWriter:
     """Appends events to ``out_dir/metrics.jsonl``.
 
     On resume, events after the checkpoint step (written by the interrupted run after its last save) and
-    the end-of-run test events are dropped first, so the file reads as one uninterrupted run."""
+    the end-of-run test events are dropped first, so the file reads as one uninterrupted run.
+    ``eval_steps`` are the steps that have an evaluation event (so an evaluation is never logged twice for
+    one step)."""
 
     def __init__(self, out_dir: str | Path, resume_step: int | None) -> None:
         self.path = Path(out_dir) / METRICS_NAME
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        else:
+        kept: list[dict[str, Any]] = []
+        if resume_step is not None:
             kept = [e for e in read_metrics(self.path) if e.get("step", 0) <= resume_step and e.get("event") != "test"]
-            self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        self.eval_steps = {e.get("step") for e in kept if e.get("event") == "eval"}
 
     def write(self, event: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(event) + "\n")
+        if event.get("event") == "eval":
+            self.eval_steps.add(event.get("step"))
 
 
 class LossPlotter:

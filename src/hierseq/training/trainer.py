@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,13 +32,20 @@ import torch.distributed as torch_dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import config_error
+from ..config import RunStopped, config_error
 from ..registry import build_config, build_model, count_parameters
-from ..serialization import WEIGHTS_NAME, load_state_exact
-from ..serialization import save as save_model
-from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint
+from ..serialization import WEIGHTS_NAME, atomic_write, load_state_exact
+from .checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, save_final
 from .config import TrainConfig
 from .metrics import LossPlotter, MetricsWriter, read_metrics
+from .run_dir import (
+    TRAIN_CONFIG_NAME,
+    check_out_dir,
+    clear_run_files,
+    existing_run_files,
+    prepare_out_dir,
+    same_data,
+)
 from .tasks import task_class
 from .tasks.base import resolve_options
 from .tasks.lm import evaluate
@@ -45,6 +54,8 @@ __all__ = ["TrainConfig", "build_optimizer", "build_scheduler", "evaluate", "lr_
 
 # Fields whose change would make a resumed run a different experiment (other data, shapes or model).
 RESUME_MUST_MATCH = ("model", "task", "seq_len", "batch_size", "loader", "seed", "data")
+# Fields a resume may change without it being news (how the run is watched, not what it does).
+RESUME_QUIET = ("resume", "progress", "device", "out_dir", "model_config", "task_options")
 
 
 # =============================================================================================== parts
@@ -151,31 +162,44 @@ def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] | None = _print) -> dict[str, Any]:
+def train(cfg: TrainConfig, log: Callable[[str], None] | None = _print, overwrite: bool = True) -> dict[str, Any]:
     """Train ``cfg.model`` on ``cfg.task``; returns ``{"out_dir", "task", "step", "val", "val_loss",
     "val_<metric>" for every validation metric, "test" (the test metrics, or None), "tokens_per_s",
     "n_params", "stopped_reason", "tokens", "train_loss", "elapsed_s"}`` (+ ``"best_step"`` with
     ``keep_best``). ``tokens`` counts sequence positions (bytes, MQAR tokens, signal steps).
 
-    ``stopped_reason`` is "max_steps", "max_time" or "target" (the task's early stop, e.g. MQAR
-    ``stop_at``). A non-finite loss raises ``RuntimeError`` without writing anything over the last good
-    checkpoint. ``log`` receives the progress lines (rank 0 only; None: silent)."""
+    Everything is validated (config, ``out_dir``, data, model, the checkpoint to resume) before anything
+    is written. An ``out_dir`` that already holds a run is continued with ``cfg.resume``; otherwise it is
+    replaced when ``overwrite`` (its run files are removed once the new run has been validated, so the
+    folder never mixes two runs) and refused when not (``hierseq train`` refuses unless --overwrite).
+
+    ``stopped_reason`` is "max_steps", "max_time", "target" (the task's early stop, e.g. MQAR
+    ``stop_at``) or "interrupted" (Ctrl-C in a single process: the run stops after the current step and
+    saves, so --resume continues it; a second Ctrl-C aborts). A non-finite loss raises
+    :class:`~hierseq.config.RunStopped` without writing anything over the last good checkpoint. ``log``
+    receives the progress lines (rank 0 only; None: silent)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg: expected a TrainConfig, got {type(cfg).__name__}")
     env = DistEnv.setup(cfg.device)
     try:
-        return _Trainer(cfg, env, log).run()
+        return _Trainer(cfg, env, log, overwrite).run()
     finally:
         env.teardown()
 
 
 class _Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, log: Callable[[str], None] | None) -> None:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, log: Callable[[str], None] | None, overwrite: bool) -> None:
         self.cfg, self.env, self._log = cfg, env, log
+        self.overwrite = overwrite
         self.out_dir = Path(cfg.out_dir)
         self.pbar = None
         self.task = task_class(cfg.task)(cfg)
         self.parts = self.task.loss_parts
+        self.resume_history: list[dict[str, Any]] = []  # every resume that changed a field: {"step", "changed"}
+        self.resume_changes: dict[str, list[Any]] = {}  # this session's: field -> [checkpoint's, now]
+        self.interrupted = False
+        self.resumed = False
+        self.created_dirs: list[Path] = []
 
     # ------------------------------------------------------------------ helpers
     def log(self, message: str) -> None:
@@ -199,6 +223,11 @@ class _Trainer:
                 f"must be divisible by world_size * grad_accum = {env.world_size} * {cfg.grad_accum}",
             )
         self.micro_batch = cfg.batch_size // per_rank
+        # Where the run goes, and what happens to a run already there: decided before anything is loaded
+        # or written (every rank checks, so every rank fails alike and rank 0 reports it once).
+        check_out_dir(self.out_dir)
+        resume_from = find_checkpoint(self.out_dir) if cfg.resume else None
+        replaced = prepare_out_dir(self.out_dir, cfg.resume, resume_from is not None, self.overwrite)
         self.task.setup(env.rank, env.world_size, env.device)  # data: its errors come before any model
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
@@ -216,33 +245,52 @@ class _Trainer:
         self.log_acc = self._fresh_acc()
         self.best: dict[str, Any] | None = None  # keep_best: {"step", "metrics", "weights" (CPU)}
         self.last_checkpoint: Path | None = None
-        resume_from = find_checkpoint(self.out_dir) if cfg.resume else None
         if cfg.resume and resume_from is None:
             self.log(f"resume: no checkpoint in {str(self.out_dir)!r}; starting from scratch")
-        elif not cfg.resume and find_checkpoint(self.out_dir) is not None:
-            self.log(f"note: {str(self.out_dir)!r} holds a checkpoint; it will be overwritten (resume=false)")
         if resume_from is not None:
             self._restore(resume_from)
+            self.resumed = True
 
         self.ddp_model: nn.Module = self.model
         if env.distributed:
             ids = [env.local_rank] if env.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
+        # The run is valid: only now is anything written.
         if env.is_main:
+            if replaced:
+                clear_run_files(self.out_dir, replaced)
+                self.log(f"overwrite: removed the previous run's {', '.join(replaced)} from {str(self.out_dir)!r}")
+            # The folders this run creates (out_dir and missing parents), removed again if it saves nothing.
+            self.created_dirs = [d for d in (self.out_dir, *self.out_dir.parents) if not d.exists()]
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            cfg.to_yaml(self.out_dir / "train_config.yaml")
+            if resume_from is None:
+                # A resumed run's train_config.yaml still describes its checkpoint: it is rewritten with
+                # the checkpoint it goes with (see _save), so a resumed session that fails changes neither.
+                self._write_train_config()
             self.metrics = MetricsWriter(self.out_dir, self.step if resume_from is not None else None)
             self.plotter = LossPlotter(self.out_dir, self.log, ylabel=f"loss ({self.task.loss_unit})")
+
+    def _write_train_config(self) -> None:
+        """``train_config.yaml``: the run's TrainConfig (``hierseq train --config`` reads it), headed by a
+        YAML comment per resume that changed a field (the fields below are the latest values)."""
+        lines = []
+        for entry in self.resume_history:
+            changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in entry["changed"].items())
+            lines.append(f"# resumed at step {entry['step']} with {changed}\n")
+        text = "".join(lines) + self.cfg.to_yaml()
+        atomic_write(self.out_dir / TRAIN_CONFIG_NAME, lambda p: Path(p).write_text(text))
 
     def _restore(self, directory: Path) -> None:
         cfg, env = self.cfg, self.env
         state = load_trainer_state(directory)
         saved = {"task": "lm", "task_options": {}, **state["train_config"]}  # checkpoints before tasks: lm
         for key in RESUME_MUST_MATCH:
-            if saved.get(key) != getattr(cfg, key):
+            # Data: the same corpus, compared as resolved paths (see run_dir.same_data).
+            same = same_data(saved.get(key), cfg.data) if key == "data" else saved.get(key) == getattr(cfg, key)
+            if not same:
                 raise ValueError(
                     f"resume: {key}={getattr(cfg, key)!r} differs from the checkpoint's {saved.get(key)!r} in "
-                    f"{str(directory)!r}; use the same value or a new out_dir"
+                    f"{str(directory)!r}; use the same value, or start a new run (another --out, or --overwrite)"
                 )
         task = type(self.task)
         saved_opts = resolve_options(task.name, task.options, saved["task_options"])
@@ -265,6 +313,7 @@ class _Trainer:
         sched = dict(state["scheduler"])
         sched["lr_lambdas"] = [None] * len(self.scheduler.lr_lambdas)
         self.scheduler.load_state_dict(sched)
+        self._apply_hyperparameters()
         self.task.source.load_state_dict(state["loader"])
         # RNG: each rank continues its own stream (same world size), else the closest one we have.
         rng = state["rng"]
@@ -279,6 +328,47 @@ class _Trainer:
         task_state = state["task"] if "task" in state else {"tbptt_caches": state.get("tbptt_caches")}
         self.task.load_state_dict(task_state, self.log, env.distributed)
         self.log(f"resumed from {str(directory)!r} at step {self.step} ({self.tokens} tokens)")
+        self.resume_history = list(state.get("resume_history") or [])
+        current = cfg.to_dict()
+        self.resume_changes = {
+            key: [saved[key], current[key]]
+            for key in current
+            if key in saved and key not in RESUME_MUST_MATCH + RESUME_QUIET and saved[key] != current[key]
+        }
+        if self.resume_changes:
+            self.resume_history.append({"step": self.step, "changed": dict(self.resume_changes)})
+            changed = ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.resume_changes.items())
+            applied = (
+                f"applied from step {self.step + 1} on (lr there: {self.optimizer.param_groups[0]['lr']:.4g})"
+                if self.step < cfg.max_steps
+                else "recorded"
+            )
+            self.log(f"resume: changed {changed}; {applied}")
+        if self.step >= cfg.max_steps:
+            self.log(
+                f"resume: the checkpoint is at step {self.step} and max_steps={cfg.max_steps}: nothing to train; "
+                "evaluating and saving its weights again"
+            )
+
+    def _apply_hyperparameters(self) -> None:
+        """After loading a checkpoint: the optimiser and schedule hyperparameters of the *current* config.
+
+        ``load_state_dict`` brings back the checkpoint's ``lr`` / ``initial_lr`` / betas / weight decay in
+        every parameter group and the scheduler's ``base_lrs``; left alone, a changed ``lr`` (or beta, or
+        weight decay) would be recorded but not used. The schedule's shape (warmup, cosine length,
+        min_lr_ratio) already comes from the current config through the scheduler's function. With an
+        unchanged config every value equals the restored one, so the resumed trajectory stays bit-exact."""
+        cfg = self.cfg
+        groups = self.optimizer.param_groups
+        for group, decay in zip(groups, (cfg.weight_decay, 0.0)):  # the groups of build_optimizer
+            group["betas"] = (cfg.beta1, cfg.beta2)
+            group["weight_decay"] = decay
+            group["initial_lr"] = cfg.lr
+        self.scheduler.base_lrs = [cfg.lr for _ in groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in groups:
+            group["lr"] = cfg.lr * factor  # what LambdaLR computes for this step
+        self.scheduler._last_lr = [group["lr"] for group in groups]
 
     def _save(self) -> None:
         """Checkpoint (all ranks take part in gathering RNG states; rank 0 writes)."""
@@ -299,8 +389,10 @@ class _Trainer:
                 "log_acc": dict(self.log_acc),
                 "task": self.task.state_dict(),
                 "best": self.best,
+                "resume_history": self.resume_history,
             }
             self.last_checkpoint = save_checkpoint(self.out_dir, self.model, state)
+            self._write_train_config()  # describes the checkpoint just written
         else:
             self.last_checkpoint = self.out_dir / "checkpoint"
         self.saved_step = self.step
@@ -345,17 +437,36 @@ class _Trainer:
 
     def _fail(self, what: str) -> None:
         if self.pbar is not None:
+            self.pbar.leave = False  # the error is the last thing on the terminal, in one line
             self.pbar.close()
             self.pbar = None
         where = (
-            f"last good checkpoint at {str(self.last_checkpoint)!r} (step {self.saved_step})"
+            f"last good checkpoint at {str(self.last_checkpoint)!r} (step {self.saved_step}; --resume continues it)"
             if self.last_checkpoint is not None
-            else "no checkpoint was saved yet"
+            else "this run saved no checkpoint yet, so its files are removed"
         )
-        raise RuntimeError(
+        raise RunStopped(
             f"{what}: training stopped and nothing was saved over the last good state; {where}. "
             "Try a lower lr, a smaller grad_clip or more warmup_steps."
         )
+
+    # ------------------------------------------------------------------ Ctrl-C
+    def _catch_interrupts(self) -> Callable[[], None]:
+        """In a single process on the main thread, the first Ctrl-C asks the loop to stop after the
+        current step (then the run evaluates and saves as at max_steps, so --resume continues it); a
+        second one aborts at once. Returns the function that restores the previous handler."""
+        if self.env.distributed or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum: int, frame: Any) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            self.log(f"interrupt: stopping after step {self.step + 1} and saving (Ctrl-C again aborts)")
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
 
     # ------------------------------------------------------------------ events
     def _event(self, val: dict[str, float] | None) -> dict[str, Any]:
@@ -388,21 +499,49 @@ class _Trainer:
 
     def _write_event(self, val: dict[str, float] | None) -> dict[str, Any]:
         event = self._event(val)  # on every rank, so the accumulators stay in step
-        if self.env.is_main:
+        # A resumed run with nothing left to train evaluates the step its checkpoint already logged.
+        if self.env.is_main and not (val is not None and self.step in self.metrics.eval_steps):
             self.metrics.write(event)
         return event
 
     # ------------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        cfg, env = self.cfg, self.env
         self.session_start = time.perf_counter()
         self._setup()
+        try:
+            return self._run()
+        except BaseException:
+            self._discard_unsaved_run()
+            raise
+
+    def _discard_unsaved_run(self) -> None:
+        """A new run that fails before its first checkpoint leaves nothing behind: the files it wrote go,
+        and so do the folders this run created. (A resumed run keeps its checkpoint and the
+        metrics up to it; a run with a checkpoint keeps it for --resume.)"""
+        if not self.env.is_main or self.resumed or self.last_checkpoint is not None:
+            return
+        clear_run_files(self.out_dir, existing_run_files(self.out_dir))
+        for folder in self.created_dirs:  # innermost first
+            if not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+
+    def _run(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
         self.saved_step = self.step if self.last_checkpoint is not None else -1
         self.last_train_loss: float | None = None
         self.log(
             f"training {cfg.model} ({self.n_params:,} parameters) on {self.task.description} "
             f"[{env.world_size} process(es), {env.device}] -> {str(self.out_dir)!r}"
         )
+        if self.task.details:
+            self.log(f"data: {self.task.details}")
+        if cfg.warmup_steps >= cfg.max_steps:  # the run ends inside the linear warmup
+            peak = lr_factor(cfg.max_steps - 1, cfg.warmup_steps, cfg.schedule_steps or cfg.max_steps, 0.0)
+            self.log(
+                f"warning: warmup_steps={cfg.warmup_steps} >= max_steps={cfg.max_steps}: the learning rate never "
+                f"leaves warmup and peaks at {peak:.3g} * lr; use fewer warmup_steps"
+            )
         if env.is_main and cfg.progress:
             from tqdm.auto import tqdm
 
@@ -412,6 +551,7 @@ class _Trainer:
         val_step = -1
         stopped_reason = "max_steps"
         tokens_per_step = self.task.positions_per_step()
+        restore_interrupts = self._catch_interrupts()
         try:
             while self.step < cfg.max_steps:
                 t0 = time.perf_counter()
@@ -445,12 +585,16 @@ class _Trainer:
                 if stop:
                     stopped_reason = "max_time"
                     break
+                if self.interrupted:
+                    stopped_reason = "interrupted"
+                    break
                 if val is not None and self.task.should_stop(val):
                     stopped_reason = "target"
                     break
                 if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self._save()
         finally:
+            restore_interrupts()
             if self.pbar is not None:
                 self.pbar.close()
                 self.pbar = None
@@ -469,8 +613,8 @@ class _Trainer:
             if test is not None:
                 tested = {f"test_{k}": v for k, v in test.items()}
                 self.metrics.write({"event": "test", "step": self.step, "model_step": model_step, **tested})
-            save_model(self.model, self.out_dir / "final")
-            self.cfg.to_yaml(self.out_dir / "train_config.yaml")
+            save_final(self.out_dir, self.model)
+            self._write_train_config()
             self.plotter.plot(read_metrics(self.metrics.path))
             weights = f" (weights of step {model_step}, the best val loss)" if cfg.keep_best else ""
             tested = f", test {self.task.describe(test)}" if test is not None else ""

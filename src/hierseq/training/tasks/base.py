@@ -65,6 +65,7 @@ class Option:
     rule: str
     ok: Callable[[Any], bool]
     is_float: bool = False  # YAML gives "1e-3" as a string and 2 as an int: both become floats
+    is_int: bool = False  # an integral float (1e3, 8.0) becomes an int
 
 
 def _is_int(v: Any) -> bool:
@@ -77,6 +78,7 @@ def int_option(default: int | None, minimum: int, allow_none: bool = False) -> O
         default,
         rule + (" or null" if allow_none else ""),
         lambda v: (allow_none and v is None) or (_is_int(v) and v >= minimum),
+        is_int=True,
     )
 
 
@@ -113,6 +115,8 @@ def resolve_options(task: str, spec: dict[str, Option], given: Any) -> dict[str,
     out = {}
     for name, opt in spec.items():
         value = given.get(name, opt.default)
+        if opt.is_int and isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value = int(value)
         if opt.is_float and not isinstance(value, bool):
             if _is_int(value):
                 value = float(value)
@@ -150,6 +154,7 @@ class Task:
         self.opts = cfg.task_opts
         self.source: BatchSource | None = None
         self.description = self.name  # what the run trains on, for the log
+        self.details: str | None = None  # a longer account of the data (which files, which split), logged
 
     # ------------------------------------------------------------------ config time (no data loaded)
     @classmethod

@@ -20,6 +20,7 @@ from ...data.corpora import load_corpus
 from ...data.loaders import RandomWindowLoader, StreamLoader, eval_windows
 from ...losses import nats_to_bits
 from ...modules.state import DecodingState
+from ...registry import build_config
 from .base import Batch, StepLoss, Task, model_device
 
 
@@ -67,7 +68,10 @@ class LMTask(Task):
     def setup(self, rank: int, world_size: int, device: torch.device) -> None:
         cfg = self.cfg
         self.corpus = load_corpus(cfg.data, min_split_len=cfg.seq_len + 1)
+        # Before the model exists (and before the run writes anything): every byte must be a token.
+        self.corpus.check_vocab(build_config(cfg.model, **cfg.model_overrides()).vocab_size)
         self.description = self.corpus.name
+        self.details = self.corpus.description
         self.stream = cfg.loader == "stream"
         if self.stream:
             self.source = StreamLoader(self.corpus.train, cfg.batch_size, cfg.seq_len, rank, world_size)

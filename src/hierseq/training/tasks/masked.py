@@ -149,6 +149,7 @@ class MaskedBytesTask(_MaskedTask):
         cfg = self.cfg
         corpus = load_corpus(cfg.data, min_split_len=cfg.seq_len + 1)
         self.description = f"{corpus.name} (masked bytes)"
+        self.details = corpus.description
         loader = RandomWindowLoader(corpus.train, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world_size)
         self.source = _InputsOnly(loader)
         windows = eval_windows(corpus.val, self.eval_batch_size, cfg.seq_len, cfg.eval_batches)

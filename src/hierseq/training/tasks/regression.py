@@ -265,9 +265,19 @@ class RegressionTask(Task):
     @classmethod
     def check_model_config(cls, model_config: BaseConfig, cfg, opts) -> None:
         for name, value in cls.implied_model_config(cfg, opts).items():
-            if getattr(model_config, name) != value:
-                rule = f"the regression task {opts['signal']} with these task_options needs {name}={value}"
-                raise config_error(name, getattr(model_config, name), rule)
+            if getattr(model_config, name) == value:
+                continue
+            if name == "chunk_size":
+                rule = (
+                    f"the regression task sets it from task_options.chunk_size={value} (the targets come one per "
+                    f"chunk); set --set task.chunk_size={getattr(model_config, name)} instead"
+                )
+            else:
+                rule = (
+                    f"follows from the regression task (signal {opts['signal']!r}, first_differences="
+                    f"{str(opts['first_differences']).lower()}: {name}={value}); leave the model field unset"
+                )
+            raise config_error(f"model_config.{name}", getattr(model_config, name), rule)
 
     def setup(self, rank: int, world_size: int, device: torch.device) -> None:
         cfg = self.cfg
