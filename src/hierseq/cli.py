@@ -171,6 +171,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     entry = hierseq.get_entry(args.model)
     print(f"model: {args.model} ({entry.kind}, {type(model).__name__})")
     print(f"parameters: {hierseq.count_parameters(model):,}")
+    describe = getattr(model.config, "describe", None)
+    if callable(describe):  # e.g. maha: its block's parameters against a standard block's, and any flag over budget
+        for line in describe():
+            print(line)
     print("config:")
     print(yaml.safe_dump(model.config.to_dict(), sort_keys=False).rstrip().replace("\n", "\n  ").join(["  ", ""]))
     return 0

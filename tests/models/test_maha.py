@@ -1,11 +1,13 @@
-"""MAHA (the LM and the seed's API): conformance in every attention mode x aggregation, regression tests
-for the seed's defects at the model level (constant aux loss; saturating Nash; unused parameters), the
-LM's bounded decoding state, the parameter budget over a standard transformer block, and the seed API
+"""MAHA (the LM and the seed's API): the conformance checks in the modes the registry suite does not run,
+regression tests for the seed's defects at the model level (constant aux loss; saturating Nash; unused
+parameters; more parameters than a standard block), the LM's decoding state, the parameter budget per
+block against the transformer (and what ``hierseq info`` shows), and the seed API
 (``hierseq.compat.maha``: MAHATransformer, MAHABlock, the encoder variant).
 
-The mixer alone (causality at every scale, the coarse scales' reach, the aggregation weights, its
-cache) is tested in tests/mixers/test_maha.py; the banded attention and the causal up-sampling maps in
-tests/ops/test_banded_attention.py; the dilated conv in tests/modules/test_causal_conv.py."""
+The registry suite (tests/conformance) runs maha and its ``conformance_variants``: nash, softmax, full
+attention (convex and nash) and per-scale Q/K. The mixer alone (causality at every scale, the reach
+pyramid, the aggregations, its cache) is tested in tests/mixers/test_maha_mixer.py; the solvers in
+tests/ops/test_simplex_qp_op.py and tests/ops/test_redundancy_game_op.py."""
 
 from __future__ import annotations
 
@@ -18,9 +20,10 @@ import torch
 from tests.conformance import checks
 
 import hierseq
+from hierseq.cli import main
 from hierseq.compat.maha import MAHABlock, MAHAEncoderConfig, MAHATransformer
 from hierseq.mixers.attention import Attention, AttentionMixerConfig
-from hierseq.mixers.maha import MAHAState, MultiscaleAttention, extra_parameters_over_standard_block
+from hierseq.mixers.maha import MAHAState, MultiscaleAttention, parameter_report
 from hierseq.models.causal_lms import MAHALM, MAHAConfig
 from hierseq.modules.block import Block
 from hierseq.modules.mlp import make_mlp
@@ -28,7 +31,7 @@ from hierseq.modules.norms import make_norm
 from hierseq.modules.state import DecodingState
 
 V = 32
-MODES = [(a, g) for a in ("windowed", "full") for g in ("convex", "nash")]
+AGGREGATIONS = ("convex", "nash", "softmax")
 
 
 def small_config(**overrides: object) -> MAHAConfig:
@@ -40,19 +43,17 @@ def small_lm(seed: int = 0, **overrides: object) -> MAHALM:
     return MAHALM(small_config(**overrides)).eval()
 
 
-# ------------------------------------------------------------------- conformance in every mode
-@pytest.mark.parametrize(("attention", "aggregation"), MODES)
-def test_conformance_checks_in_every_mode(attention: str, aggregation: str) -> None:
-    # The registry suite covers the default (windowed, convex); these are the same checks for all four.
-    model = small_lm(attention=attention, aggregation=aggregation)
+# ------------------------------------------------------------------- conformance in the other modes
+@pytest.mark.parametrize(
+    "overrides",
+    [{"attention": "full", "aggregation": "softmax"}, {"per_scale_qk": True, "aggregation": "nash", "n_scales": 2}],
+)
+def test_conformance_checks_in_the_modes_the_suite_does_not_run(overrides: dict) -> None:
+    model = small_lm(**overrides)
     checks.assert_causal_by_perturbation(model, V, length=45)
     checks.assert_causal_by_gradient(model, V, length=45, positions=[0, 3, 4, 7, 8, 15, 16, 31, 44])
     checks.assert_cached_decoding_matches(model, V, segments=(5,) + (1,) * 35 + (13,) + (1,) * 27)
-    checks.assert_cached_decoding_matches(model, V, segments=(1, 70, 1, 1, 1))
     checks.assert_cached_decoding_matches(model, V, segments=checks.prefill_then_steps(19, (1, 3, 17), 90))
-    checks.assert_cached_decoding_matches(
-        model, V, segments=checks.prefill_then_steps(7, (17, 3, 1), 60), continue_with_use_cache=False
-    )
     checks.assert_detach_keeps_values_and_cuts_graph(model, V)
     checks.assert_state_round_trips(model, V)
     checks.assert_batch_independent(model, V)
@@ -61,9 +62,9 @@ def test_conformance_checks_in_every_mode(attention: str, aggregation: str) -> N
 
 
 def test_iid_floor_full_attention_nash() -> None:
-    # The registry suite runs this for the default (windowed, convex); full attention is the other mask
-    # path and Nash couples the scales through the game.
-    checks.assert_iid_floor(lambda: small_lm(attention="full", aggregation="nash"), vocab=V, steps=40)
+    # The registry suite runs this for every variant at its defaults; this is the full-attention game
+    # with fixed strengths (no learned gamma / tau), a path of its own.
+    checks.assert_iid_floor(lambda: small_lm(attention="full", aggregation="nash", learn_strengths=False), vocab=V)
 
 
 # ------------------------------------------------------------------------- the LM's modes and state
@@ -74,7 +75,7 @@ def test_windowed_with_a_large_window_equals_full_attention() -> None:
     torch.testing.assert_close(checks.logits_of(windowed, ids), checks.logits_of(full, ids), atol=1e-5, rtol=0)
 
 
-def test_windowed_decoding_state_does_not_grow_with_context() -> None:
+def test_windowed_decoding_state_grows_like_log_of_the_context() -> None:
     model = small_lm(attention="windowed", window=8)
     ids = checks.random_ids(1, 150, V, seed=11)
     full = checks.logits_of(model, ids)
@@ -88,18 +89,23 @@ def test_windowed_decoding_state_does_not_grow_with_context() -> None:
     assert isinstance(out.cache, DecodingState) and out.cache.length == 150
     for layer in out.cache.layers:
         assert isinstance(layer, MAHAState) and layer.length == 150
-        assert all(k.shape[2] <= 7 for k in layer.keys)  # window - 1 keys per scale, whatever the context
+        assert all(k is None or k.shape[2] <= 8 for k in layer.keys)  # a window per level, whatever the context
         assert all(p is None or p.shape[1] < 2 for p in layer.pending)
-        assert layer.counts == [150, 75, 37]
-    # the LM's state_floats is the sum of the layers' state_size, and it does not grow with context
+        assert layer.counts == [150, 75, 37, 18, 9, 4, 2, 1, 0]
+    # the LM's state_floats is the sum of the layers' state_size; it grows like log(T), not like T:
+    # 1000x the context adds log2(1000) ~ 10 levels of at most a window of keys (+ r - 1 pending) each
     assert model.state_floats(150) == sum(m.state_size(150) for m in model.mixers)
-    assert model.state_floats(150) == model.state_floats(100_000)
+    mixer = model.mixers[0]
+    per_level = 8 * (mixer.n_heads * mixer.qk_dim + 32) + 32
+    growth = model.state_floats(150_000) - model.state_floats(150)
+    assert 0 < growth <= 2 * 10 * per_level
+    assert model.state_floats(150_000) < 0.01 * 2 * 2 * 32 * 150_000  # vs a KV cache: 2 D per token per layer
     assert model.tbptt_refusal() is None
     assert "attention='full'" in small_lm(attention="full").tbptt_refusal()
 
 
 # --------------------------------------------------------------------------- aggregation / aux loss
-@pytest.mark.parametrize("aggregation", ["convex", "nash"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
 def test_aux_loss_has_a_nonzero_gradient(aggregation: str) -> None:
     model = small_lm(aggregation=aggregation).train()
     out = model(checks.random_ids(2, 40, V), labels=checks.random_ids(2, 40, V, seed=1))
@@ -107,23 +113,29 @@ def test_aux_loss_has_a_nonzero_gradient(aggregation: str) -> None:
     out.aux_loss.backward()
     scores = model.blocks[0].mixer.scores.weight.grad
     assert scores is not None and scores.abs().sum().item() > 0
-    if aggregation == "nash":  # the game couples the weights to the attention outputs
+    if aggregation != "softmax":  # the optimisation couples the weights to the attention outputs
         assert model.blocks[0].mixer.value.weight.grad.abs().sum().item() > 0
     torch.testing.assert_close(out.loss, out.lm_loss + model.config.aux_loss_weight * out.aux_loss)
 
 
 def test_nash_weights_not_one_hot_at_init_for_long_sequences() -> None:
     # The seed's Frobenius error over the whole sequence grows like sqrt(N * D): one-hot after one step.
+    # Here the weights are a certified equilibrium per token, at the shell's init, over 4096 tokens.
     torch.manual_seed(6)
     model = MAHATransformer(256, 4096, 64, 4, 4, "nash", num_layers=1, downsample=2, window=16)
     ids = torch.randint(0, 256, (1, 4096))
-    block = model.blocks[0]
+    mixer = model.blocks[0].mixer
     with torch.no_grad():
-        weights = block.mixer.forward_with_weights(block.mixer_norm(model.embed(ids)))[3]
+        outputs, mask, u, v, _ = mixer.candidates(model.blocks[0].mixer_norm(model.embed(ids)))
+        weights, problem = mixer.aggregate(outputs, mask, u, v)
+    assert problem["gap"].max().item() <= 1e-4
     settled = weights[0, 8:]  # every scale has a finished token from position 7 on
-    assert settled.max().item() < 0.6 and settled.min().item() > 0.1
-    entropy = -(settled * settled.log()).sum(-1)
-    assert entropy.min().item() > 0.9 * torch.log(torch.tensor(4.0)).item()
+    # Measured: largest weight 0.87, mean top weight 0.47, 3.5 of 4 scales used on average (the game
+    # drops a redundant scale at times), mean entropy 1.10 of ln 4 = 1.39; no token one-hot.
+    assert settled.max().item() < 0.95 and settled.amax(-1).mean().item() < 0.6
+    assert (settled > 0).sum(-1).float().mean().item() > 3.0
+    entropy = -(settled * settled.clamp(min=1e-12).log()).sum(-1)
+    assert entropy.mean().item() > 0.7 * torch.log(torch.tensor(4.0)).item()
 
 
 # ---------------------------------------------------------------------------------- DDP / params
@@ -143,7 +155,7 @@ def test_ddp_steps_without_find_unused_parameters() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     model = optimizer = None
     try:
-        for attention, aggregation in (("windowed", "convex"), ("full", "nash")):
+        for attention, aggregation in (("windowed", "convex"), ("full", "nash"), ("windowed", "softmax")):
             model = torch.nn.parallel.DistributedDataParallel(
                 small_lm(attention=attention, aggregation=aggregation).train(), find_unused_parameters=False
             )
@@ -161,33 +173,91 @@ def test_ddp_steps_without_find_unused_parameters() -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize(("d_model", "n_scales", "downsample"), [(256, 3, 4), (768, 4, 2)])
-def test_parameter_count_per_block(d_model: int, n_scales: int, downsample: int) -> None:
-    cfg = MAHAEncoderConfig(d_model=d_model, n_heads=d_model // 64, n_scales=n_scales, downsample=downsample)
+def _block_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.blocks[0].parameters())
+
+
+#: exact parameters of one block (norms + mixer + SwiGLU MLP), n_heads 4, n_layers 4, default MLP:
+#: transformer, and maha at its defaults (S = 3, r = 4, window 64, query/key head width D / 4 - 2).
+BLOCK_PARAMETERS = {
+    256: {"transformer": 803_328, "convex": 802_052, "nash": 801_797, "softmax": 801_795},
+    128: {"transformer": 200_960, "convex": 200_324, "nash": 200_197, "softmax": 200_195},
+}
+
+
+@pytest.mark.parametrize("d_model", [256, 128])
+def test_a_block_has_no_more_parameters_than_a_standard_block(d_model: int) -> None:
+    # d_model 128 and n_layers 4 is the LM benchmark's width; 256 the library default.
+    with torch.device("meta"):
+        transformer = hierseq.build_model("transformer", d_model=d_model, n_layers=4, n_heads=4)
+        models = {
+            a: hierseq.build_model("maha", d_model=d_model, n_layers=4, n_heads=4, aggregation=a) for a in AGGREGATIONS
+        }
+    standard = _block_parameters(transformer)
+    assert standard == BLOCK_PARAMETERS[d_model]["transformer"]
+    total = hierseq.count_parameters(transformer)
+    for aggregation, model in models.items():
+        block = _block_parameters(model)
+        assert block == BLOCK_PARAMETERS[d_model][aggregation] and block <= standard
+        assert hierseq.count_parameters(model) <= total  # the whole model too (same embedding and norms)
+        report = parameter_report(model.blocks[0].mixer.cfg, d_model)
+        assert report["within_budget"] and block - standard == report["difference"]
+        assert report["qk_head_dim"] == d_model // 4 - 2
+        # the per-part accounting is the module's real count
+        mixer = sum(p.numel() for p in model.blocks[0].mixer.parameters())
+        assert mixer == report["maha"] == report["parts"]["total"]
+    # the three aggregations share the attention exactly: their blocks differ only in the aggregation
+    # parameters (convex: target gain D + ridge 1; nash: redundancy, crowding; softmax: none)
+    counts = BLOCK_PARAMETERS[d_model]
+    assert counts["convex"] - counts["softmax"] == d_model + 1 and counts["nash"] - counts["softmax"] == 2
+
+
+def test_the_maha_block_is_the_seed_block_and_the_standard_block_is_the_transformer_block() -> None:
+    cfg = MAHAEncoderConfig(d_model=256, n_heads=4)
     maha = sum(p.numel() for p in MAHABlock(config=cfg).parameters())
-    # the standard pre-norm block: the shared Block over the attention mixer, same MLP and norms ...
-    attention = Attention(d_model, AttentionMixerConfig(n_heads=d_model // 64))
-    mlp = make_mlp(cfg.mlp, d_model, cfg.mlp_hidden or None, cfg.dropout)
-    standard_block = Block(attention, mlp, lambda: make_norm(cfg.norm, d_model), cfg.dropout)
-    standard = sum(p.numel() for p in standard_block.parameters())
-    # ... which is exactly a block of the registered transformer LM
-    transformer = hierseq.build_model("transformer", vocab_size=V, d_model=d_model, n_heads=d_model // 64, n_layers=1)
-    assert sum(p.numel() for p in transformer.blocks[0].parameters()) == standard
-    # and a block of the maha LM is the seed's MAHABlock
-    maha_lm = MAHALM(
-        MAHAConfig(
-            vocab_size=V, d_model=d_model, n_heads=d_model // 64, n_layers=1, n_scales=n_scales, downsample=downsample
-        )
-    )
-    assert sum(p.numel() for p in maha_lm.blocks[0].parameters()) == maha
-    extra = extra_parameters_over_standard_block(cfg, d_model)
-    assert maha - standard == extra["total"]
-    small_parts = extra["total"] - extra["per_scale_qk"]
-    print(f"\nd={d_model} S={n_scales} r={downsample}: standard {standard}, maha {maha}, extra {extra}")
-    # Beyond the per-scale Q/K, the conv, downsampling and aggregation add well under 1% of a block.
-    assert small_parts < 0.01 * standard
-    if d_model == 256:
-        assert (standard, maha, small_parts) == (803_328, 1_069_827, 4_355)
+    attention = Attention(256, AttentionMixerConfig(n_heads=4))
+    mlp = make_mlp(cfg.mlp, 256, cfg.mlp_hidden or None, cfg.dropout)
+    standard = sum(p.numel() for p in Block(attention, mlp, lambda: make_norm(cfg.norm, 256), cfg.dropout).parameters())
+    assert (standard, maha) == (BLOCK_PARAMETERS[256]["transformer"], BLOCK_PARAMETERS[256]["convex"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "within", "why"),
+    [
+        ({"per_scale_qk": True}, True, None),  # per-scale Q/K at the width that fits: low-rank per scale
+        ({"qk_head_dim": 64}, False, "qk_head_dim=64"),
+        ({"per_scale_qk": True, "qk_head_dim": 64}, False, "qk_head_dim=64, per_scale_qk=True"),
+    ],
+)
+def test_a_flag_may_exceed_the_budget_and_says_so(overrides: dict, within: bool, why: str | None) -> None:
+    with torch.device("meta"):
+        model = hierseq.build_model("maha", d_model=256, n_heads=4, **overrides)
+    block = _block_parameters(model)
+    report = parameter_report(model.blocks[0].mixer.cfg, 256)
+    assert report["within_budget"] is within and (block <= BLOCK_PARAMETERS[256]["transformer"]) is within
+    assert block - BLOCK_PARAMETERS[256]["transformer"] == report["difference"]
+    lines = model.config.describe()
+    if within:
+        assert "within the budget" in lines[0]
+    else:
+        assert f"EXCEEDS a standard transformer block by {report['difference']:,} parameters" in lines[0]
+        assert report["why"] == why and why in lines[0]
+    # the seed's full-width per-scale Q/K costs 2 D^2 (S - 1) more: +50% of the attention at S = 3
+    if overrides.get("qk_head_dim") and overrides.get("per_scale_qk"):
+        assert report["parts"]["query_key"] == 3 * 2 * 256 * 256
+
+
+def test_info_shows_no_more_parameters_than_the_transformer(capsys: pytest.CaptureFixture) -> None:
+    # `hierseq info` at the same width, depth and MLP (what the issue checks by hand).
+    counts = {}
+    for name in ("maha", "transformer"):
+        assert main(["info", name, "--set", "d_model=128", "--set", "n_layers=4"]) == 0
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("parameters:"))
+        counts[name] = int(line.split(":")[1].replace(",", ""))
+    assert counts["maha"] <= counts["transformer"]
+    assert counts["transformer"] - counts["maha"] == 4 * (200_960 - 200_324)
+    lines = hierseq.build_config("maha", d_model=128, n_layers=4).describe()
+    assert "within the budget (-636)" in lines[0] and "query/key head width 30 of 32" in lines[1]
 
 
 # ---------------------------------------------------------------------------------------- seed API
@@ -200,8 +270,9 @@ def test_seed_quick_start_api_and_lengths_beyond_max_len() -> None:
     assert tuple(output.shape) == (1, 64, 64) and aux_loss.dim() == 0 and torch.isfinite(output).all()
     longer, _ = model(torch.randint(0, 300, (2, 150)))  # rotary positions: no max_len crash
     assert tuple(longer.shape) == (2, 150, 64)
-    nash = MAHATransformer(300, 64, 64, 4, 2, "nash")
-    assert nash.config.aggregation == "nash" and nash(torch.randint(0, 300, (1, 10)))[0].shape == (1, 10, 64)
+    for strategy in ("nash", "softmax"):
+        other = MAHATransformer(300, 64, 64, 4, 2, strategy)
+        assert other.config.aggregation == strategy and other(torch.randint(0, 300, (1, 10)))[0].shape == (1, 10, 64)
     with pytest.raises(ValueError, match="aggregation='cvx'"):
         MAHATransformer(300, 64, 64, 4, 2, "cvx")
     with pytest.raises(ValueError, match="max_len=0"):
@@ -252,7 +323,7 @@ def test_block_state_continues_cached_decoding() -> None:
         state = MAHAState.empty(3)
         pieces = [block(x[:, :5], state)] + [block(x[:, t : t + 1], state) for t in range(5, 11)]
         pieces.append(block(x[:, 11:], state))
-    assert state.length == 23 and state.counts == [23, 11, 5]
+    assert state.length == 23 and state.counts == [23, 11, 5, 2, 1, 0]
     torch.testing.assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=0)
 
 
@@ -260,12 +331,16 @@ def test_block_state_continues_cached_decoding() -> None:
     ("field", "value"),
     [
         ("n_scales", 0),
+        ("n_scales", 9),
         ("downsample", 1),
         ("attention", "sparse"),
         ("window", 0),
         ("aggregation", "mean"),
-        ("nash_temperature", 0.5),
-        ("nash_iters", 0),
+        ("qk_head_dim", 5),
+        ("nash_redundancy", 1.0),
+        ("nash_crowding", -1.0),
+        ("convex_ridge", 0),
+        ("learn_strengths", "yes"),
         ("aux_loss_weight", -1.0),
         ("n_heads", 3),
     ],
@@ -281,7 +356,9 @@ def test_config_errors_name_field_and_value(field: str, value: object) -> None:
 
 def test_registered_and_round_trips(tmp_path: Path) -> None:
     assert "maha" in hierseq.list_models(kind="causal_lm")
-    model = hierseq.build_model("maha", **MAHAConfig.small_overrides(), vocab_size=V, aggregation="nash").eval()
-    assert isinstance(model, MAHALM) and all(isinstance(m, MultiscaleAttention) for m in model.mixers)
-    loaded = checks.assert_save_load_roundtrip(model, tmp_path / "m", V)
-    assert loaded.config.aggregation == "nash"
+    for aggregation in AGGREGATIONS:
+        overrides = {**MAHAConfig.small_overrides(), "vocab_size": V, "aggregation": aggregation}
+        model = hierseq.build_model("maha", **overrides).eval()
+        assert isinstance(model, MAHALM) and all(isinstance(m, MultiscaleAttention) for m in model.mixers)
+        loaded = checks.assert_save_load_roundtrip(model, tmp_path / aggregation, V)
+        assert loaded.config.aggregation == aggregation

@@ -1,5 +1,6 @@
 """Exact simplex QP (mixing weights that depend on the candidates): KKT optimality, agreement with a
-cvxpy oracle and a projected-gradient reference, the enumeration fallback, implicit gradients."""
+cvxpy oracle and a projected-gradient reference, the enumeration fallback, implicit gradients, and the
+sync-free mode (fixed work, nothing read back from the device) agreeing with the default solver."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from hierseq.ops.simplex_qp import (
+    SYNC_FREE_EXACT_MAX_SIZE,
     mixture_qp_kkt_residual,
     mixture_qp_reference_cvxpy,
     mixture_qp_reference_pgd,
@@ -15,6 +17,7 @@ from hierseq.ops.simplex_qp import (
     mixture_qp_weights,
     simplex_qp,
     simplex_qp_kkt_residual,
+    sync_free_default_steps,
 )
 
 
@@ -192,3 +195,53 @@ def test_invalid_arguments() -> None:
         mixture_qp_weights(outputs, target[:, :2], scores, 0.1)
     with pytest.raises(ValueError, match="quadratic shape"):
         simplex_qp(torch.eye(3), torch.zeros(4))
+
+
+# ------------------------------------------------------------------------------------ sync-free mode
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("masked", [False, True])
+def test_sync_free_mode_matches_the_default_solver(size: int, masked: bool) -> None:
+    # Fixed work, nothing read back: for S <= 4 exact by the unconditional face enumeration (any
+    # budget), above by the measured 3 S + 2 step budget. Same weights and KKT residual as the default.
+    outputs, target, scores = problem(600, size, 16, seed=40 + size, scale=1.0)
+    mask = random_mask(600, size, seed=size) if masked else None
+    for lam in (1e-3, 0.3, 10.0):
+        reference = mixture_qp_weights(outputs, target, scores, lam, mask)
+        budgets = [None, 0, 1, size + 1, 3 * size + 2] if size <= SYNC_FREE_EXACT_MAX_SIZE else [None]
+        for budget in budgets:
+            w = mixture_qp_weights(outputs, target, scores, lam, mask, max_iter=budget, sync_free=True)
+            torch.testing.assert_close(w, reference, atol=1e-9, rtol=0)
+            assert mixture_qp_kkt_residual(w, outputs, target, scores, lam, mask).max().item() <= 1e-6
+            if mask is not None:
+                assert (w[~mask] == 0).all()
+
+
+def test_sync_free_default_budget() -> None:
+    assert [sync_free_default_steps(s) for s in (1, 4, 5, 8)] == [0, 0, 17, 26]
+
+
+def test_sync_free_float32_and_gradients() -> None:
+    outputs, target, scores = problem(2000, 4, 64, seed=41, scale=0.125)
+    w64 = mixture_qp_weights(outputs, target, scores, 0.1)
+    w32 = mixture_qp_weights(outputs.float(), target.float(), scores.float(), 0.1, sync_free=True)
+    assert w32.dtype == torch.float32 and (w32.double() - w64).abs().max().item() < 1e-4
+    assert mixture_qp_kkt_residual(w32, outputs.float(), target.float(), scores.float(), 0.1).max().item() < 1e-4
+    # The backward is the same implicit KKT solve: gradcheck passes in sync-free mode too.
+    outputs, target, scores = problem(6, 4, 3, seed=9)
+    lam = torch.tensor(0.4, dtype=torch.float64)
+    inputs = tuple(x.clone().requires_grad_() for x in (outputs, target, scores, lam))
+    assert torch.autograd.gradcheck(lambda o, t, s, r: mixture_qp_weights(o, t, s, r, sync_free=True), inputs)
+
+
+@pytest.mark.parametrize("size", [3, 6])
+def test_sync_free_mode_reads_nothing_back(size: int) -> None:
+    # Meta tensors have no values: any .item(), bool(tensor) or data-dependent shape (nonzero) raises.
+    # The sync-free forward and backward run on them; the default path does not (it counts live rows).
+    outputs = torch.randn(10, size, 8, device="meta", requires_grad=True)
+    target, scores = torch.randn(10, 8, device="meta"), torch.randn(10, size, device="meta")
+    lam, mask = torch.tensor(0.5, device="meta"), torch.ones(10, size, dtype=torch.bool, device="meta")
+    w = mixture_qp_weights(outputs, target, scores, lam, mask, sync_free=True)
+    w.sum().backward()
+    assert w.shape == (10, size) and outputs.grad.shape == outputs.shape
+    with pytest.raises(RuntimeError, match="meta"):
+        mixture_qp_weights(outputs, target, scores, lam, mask)

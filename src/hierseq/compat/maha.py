@@ -11,7 +11,7 @@ from torch import nn
 
 from ..config import LMConfig, check_positive_int
 from ..mixers.base import resolve_mixer_config
-from ..mixers.maha import MAHAMixerConfig, MAHAState, MultiscaleAttention
+from ..mixers.maha import MAHAMixerConfig, MAHAState, MultiscaleAttention, describe_parameters
 from ..modules.block import Block
 from ..modules.mlp import make_mlp
 from ..modules.norms import make_norm
@@ -29,13 +29,18 @@ class MAHAEncoderConfig(MAHAMixerConfig, LMConfig):
         super().validate()
         self.check(self.d_model)
 
+    def describe(self) -> list[str]:
+        """The block's parameters against a standard transformer block's (as the LM config's)."""
+        return describe_parameters(self, self.d_model)
+
 
 def _mixer(config: MAHAEncoderConfig) -> MultiscaleAttention:
     return MultiscaleAttention(config.d_model, resolve_mixer_config("maha", config))
 
 
 class MAHABlock(Block):
-    """``MAHABlock(d_model, num_heads, num_scales, aggregation_strategy)``; any other
+    """``MAHABlock(d_model, num_heads, num_scales, aggregation_strategy)`` (``"convex"``, ``"nash"`` or the
+    ``"softmax"`` ablation); any other
     :class:`MAHAEncoderConfig` field by keyword (e.g. ``attention="full"``, ``causal=False``), or a whole
     ``config=``. ``forward(x)`` returns y [B, L, D]; with ``return_aux=True`` ``(y, aux_loss)``; ``state``
     (a :class:`MAHAState`) continues cached decoding (causal only) and is advanced in place."""

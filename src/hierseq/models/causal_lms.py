@@ -18,7 +18,7 @@ from ..mixers.gated_deltanet import GatedDeltaNetMixerConfig
 from ..mixers.hamt import HAMTMixerConfig
 from ..mixers.linear_attention import LinearAttentionMixerConfig
 from ..mixers.loglinear import LogLinearMixerConfig
-from ..mixers.maha import MAHAMixerConfig
+from ..mixers.maha import MAHAMixerConfig, describe_parameters
 from ..mixers.mamba import MambaMixerConfig
 from ..mixers.mamba2 import Mamba2MixerConfig
 from ..mixers.tree import TreeMixerConfig
@@ -106,7 +106,9 @@ class HAMTLMConfig(HAMTMixerConfig, CausalLMConfig):
 
 @dataclass
 class MAHAConfig(MAHAMixerConfig, CausalLMConfig):
-    """Multiscale aggregated attention (``mixers/maha.py``); aux = the scale load-balancing term."""
+    """Multiscale aggregated attention (``mixers/maha.py``): convex (simplex QP), nash (redundancy game)
+    or softmax aggregation of the scales, a reach pyramid over the whole context in O(L log L), no more
+    parameters per block than a standard block by default; aux = the scale load-balancing term."""
 
     mixer_name: ClassVar[str] = "maha"
     aux_loss_weight: float = 0.01
@@ -118,8 +120,14 @@ class MAHAConfig(MAHAMixerConfig, CausalLMConfig):
                 "causal", self.causal, "the maha language model must be causal; use MAHATransformer(causal=False)"
             )
 
-    # window 8 and r = 2 so that short test sequences (33-80 tokens) cross many windows at every
-    # scale and reach the coarsest scale (needs r^(S-1) = 4 tokens).
+    def describe(self) -> list[str]:
+        """Extra lines for ``hierseq info``: the block's parameters against a standard transformer block's
+        at the same width, and whether a flag (``qk_head_dim``, ``per_scale_qk``) exceeds that budget."""
+        return describe_parameters(self.mixer_config("maha"), self.d_model)
+
+    # window 8 and r = 2 so that short test sequences (33-100 tokens) cross many windows at every
+    # scale, reach the coarsest scale (needs r^(S-1) = 4 tokens) and, past 36 tokens, the pyramid's
+    # coarser levels (level S - 1 + m is used once its finer level holds more than 8 tokens).
     small_mixer: ClassVar[dict[str, Any]] = {"n_heads": 2, "n_scales": 3, "downsample": 2, "window": 8}
 
 

@@ -30,6 +30,12 @@ It is computed exactly by the active-set QP solver (:func:`hierseq.ops.simplex_q
 most 3 S + 2 batched iterations, then an exact enumeration fallback) and differentiated implicitly
 through the equilibrium (= KKT) conditions on its support.
 
+Sync-free mode (``sync_free=True``, for a model's forward on an accelerator): the solve reads nothing
+back from the device (fixed work, no early exit; exact by unconditional face enumeration for S <= 4,
+a measured 3 S + 2 step budget above: see :mod:`hierseq.ops.simplex_qp`), and tensor strengths are not
+checked on the host (the caller keeps 0 <= gamma < tau, e.g. by parametrising gamma = tau * a with
+a in [0, 1)); Python-number strengths are still checked (that reads nothing from the device).
+
 No temperature washes the game out: with gamma = 0 the equilibrium is sparsemax(r / tau) (the
 "prior" without interaction); gamma may go up to tau, the same order as the self term, and then
 duplicated candidates split their weight while a distinct candidate keeps its own (see the tests).
@@ -132,6 +138,7 @@ def redundancy_game_equilibrium(
     mask: torch.Tensor | None = None,
     eps: float = 1e-6,
     max_iter: int | None = None,
+    sync_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unique Nash equilibrium of the redundancy game (module docstring) and its certificate.
 
@@ -142,14 +149,17 @@ def redundancy_game_equilibrium(
     Returns (weights [..., S] on the simplex, gap [...]): gap is the epsilon-Nash gap of the returned
     weights (detached; ~1e-15 in float64). Weights are differentiable in O, r and tensor gamma / tau,
     by implicit differentiation of the equilibrium conditions (the KKT system of the potential).
+    sync_free: no device read-back (module docstring); tensor strengths are then the caller's to keep valid.
     """
     if relevance.shape[-1] != outputs.shape[-2]:
         raise ValueError(
             f"outputs {tuple(outputs.shape)}, relevance {tuple(relevance.shape)}: need [..., S, D], [..., S]"
         )
-    _check_strengths(redundancy, crowding)
+    if not sync_free or not isinstance(redundancy, torch.Tensor) and not isinstance(crowding, torch.Tensor):
+        _check_strengths(redundancy, crowding)
     # Equilibrium = argmax Phi = argmin_{w in simplex} 1/2 w^T A w - r.w, solved exactly.
-    weights = simplex_qp(_interaction(outputs, redundancy, crowding, eps), relevance, mask, max_iter)
+    interaction = _interaction(outputs, redundancy, crowding, eps)
+    weights = simplex_qp(interaction, relevance, mask, max_iter, sync_free)
     with torch.no_grad():
         gap = redundancy_game_nash_gap(weights, outputs, relevance, redundancy, crowding, mask, eps=eps)
     return weights, gap
