@@ -413,3 +413,18 @@ def test_ctrl_c_during_train_saves_and_says_how_to_continue(world: World, tmp_pa
     captured = capsys.readouterr()
     assert rc == 130 and captured.err == "hierseq: interrupted at step 2, saved; add --resume to continue\n"
     assert (out / "final" / "config.json").is_file() and "done: step 2" in captured.out
+
+
+def test_a_closed_stdout_ends_quietly() -> None:
+    # `hierseq info transformer | head -1`: the reader leaves early; that is not an error to report.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hierseq.cli", "info", "transformer"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""

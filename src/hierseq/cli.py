@@ -104,6 +104,10 @@ def run_entry_point(body: Callable[[list[str] | None], int], argv: list[str] | N
     traceback shows."""
     try:
         return body(argv)
+    except BrokenPipeError:
+        # stdout closed by the reader (`hierseq info x | head`): not an error; silence the final flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         if _reports_errors():
             print("hierseq: interrupted", file=sys.stderr, flush=True)
