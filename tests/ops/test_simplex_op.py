@@ -1,5 +1,5 @@
-"""Sparsemax (simplex projection) and Nash best-response weights: exactness against references, KKT
-conditions (always), a cvxpy solve (when the test-only extra is installed), gradients and convergence."""
+"""Sparsemax (simplex projection): exactness against references, KKT conditions (always), a cvxpy solve
+(when the test-only extra is installed) and gradients."""
 
 from __future__ import annotations
 
@@ -8,11 +8,6 @@ import pytest
 import torch
 
 from hierseq.ops.simplex import (
-    best_response,
-    nash_temperature,
-    nash_weights,
-    nash_weights_reference,
-    normalise_utilities,
     simplex_kkt_residual,
     sparsemax,
     sparsemax_reference,
@@ -100,60 +95,3 @@ def test_sparsemax_gradient_is_the_projection_jacobian() -> None:
     jac = torch.autograd.functional.jacobian(sparsemax, z)[0, :, 0, :]
     expected = torch.tensor([[0.5, -0.5, 0.0], [-0.5, 0.5, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(jac, expected)
-
-
-# ------------------------------------------------------------------------------------------ Nash
-def test_nash_matches_plain_reference() -> None:
-    gen = torch.Generator().manual_seed(9)
-    prior = torch.randn(16, 3, generator=gen, dtype=torch.float64)
-    utilities = torch.randn(16, 3, 8, generator=gen, dtype=torch.float64) * 5
-    fast = nash_weights(prior, utilities, n_iters=6)
-    reference = np.stack([nash_weights_reference(prior[i].numpy(), utilities[i].numpy(), 6) for i in range(16)])
-    np.testing.assert_allclose(fast.numpy(), reference, atol=1e-10)
-
-
-def test_nash_iteration_reaches_a_fixed_point_geometrically() -> None:
-    gen = torch.Generator().manual_seed(10)
-    prior = torch.randn(256, 4, generator=gen, dtype=torch.float64)
-    # Strongly correlated utilities (a shared component) make the game's pull towards consensus strong.
-    shared = torch.randn(256, 1, 16, generator=gen, dtype=torch.float64)
-    utilities = shared + 0.5 * torch.randn(256, 4, 16, generator=gen, dtype=torch.float64)
-    residuals = [nash_weights(prior, utilities, n, return_residual=True)[1].max().item() for n in (0, 5, 10, 40)]
-    assert residuals[0] > 1e-3  # the prior alone is not an equilibrium
-    # Contraction factor <= 1/2 per step (proved in nash_weights); observed decay at least that fast.
-    assert residuals[1] <= residuals[0] * 0.5**5 + 1e-15
-    assert residuals[2] <= residuals[0] * 0.5**10 + 1e-15
-    assert residuals[3] < 1e-12
-    # At the fixed point one more best response leaves the weights unchanged.
-    w = nash_weights(prior, utilities, 40)
-    temperature = nash_temperature(4)
-    again = best_response(w, prior, normalise_utilities(utilities), temperature)
-    torch.testing.assert_close(again, w, atol=1e-12, rtol=0)
-
-
-def test_nash_not_one_hot_for_long_sequences() -> None:
-    # The seed's error over the whole sequence grew like sqrt(N * D) and saturated the softmax; ours is
-    # per token and normalised, so huge utilities and long sequences leave the weights spread out.
-    gen = torch.Generator().manual_seed(11)
-    utilities = torch.randn(1, 4096, 4, 64, generator=gen) * 100.0
-    w = nash_weights(torch.zeros(1, 4096, 4), utilities, n_iters=8)
-    assert w.max().item() < 0.5 and w.min().item() > 0.1
-    torch.testing.assert_close(w.sum(-1), torch.ones(1, 4096))
-
-
-def test_nash_respects_mask_and_has_gradients() -> None:
-    gen = torch.Generator().manual_seed(12)
-    prior = torch.randn(8, 3, generator=gen, requires_grad=True)
-    utilities = torch.randn(8, 3, 5, generator=gen, requires_grad=True)
-    mask = torch.ones(8, 3, dtype=torch.bool)
-    mask[:4, 2] = False
-    w = nash_weights(prior, utilities, 5, mask=mask)
-    assert (w[:4, 2] == 0).all()
-    (w * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
-    assert torch.isfinite(prior.grad).all() and prior.grad.abs().sum() > 0
-    assert utilities.grad.abs().sum() > 0  # the game (not only the prior) shapes the weights
-
-
-def test_nash_rejects_temperature_below_contraction_bound() -> None:
-    with pytest.raises(ValueError, match="temperature_multiplier"):
-        nash_weights(torch.zeros(2, 3), torch.zeros(2, 3, 4), 3, temperature_multiplier=0.5)

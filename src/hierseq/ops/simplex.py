@@ -1,15 +1,10 @@
-"""Weights on the probability simplex: sparsemax (Euclidean projection) and a Nash / logit
-best-response iteration, each with a plain reference implementation next to the fast batched one.
+"""Weights on the probability simplex: sparsemax (Euclidean projection), with a plain reference next to
+the fast batched one and the KKT residual that certifies it.
 
-Both are used by MAHA to mix its S scale outputs per token, but nothing here knows about MAHA.
-
-* :func:`sparsemax` solves the convex problem ``argmin_{w in simplex} ||w - z||^2`` exactly (Martins &
-  Astudillo 2016) by sorting; autograd through the sort gives the exact (piecewise-linear) Jacobian.
-* :func:`nash_weights` runs best-response dynamics of a coordination game in which each scale pays its
-  squared distance from the weighted consensus. With utilities normalised per token and the
-  temperature ``2 * S`` the best-response map is a contraction with factor <= 1/2 (see
-  :func:`nash_weights`), so the iteration has a unique fixed point and reaches it geometrically, and
-  the weights cannot saturate to one-hot the way an unnormalised Frobenius error does.
+:func:`sparsemax` solves the convex problem ``argmin_{w in simplex} ||w - z||^2`` exactly (Martins &
+Astudillo 2016) by sorting; autograd through the sort gives the exact (piecewise-linear) Jacobian. The
+quadratic programs over the simplex (``ops/simplex_qp.py``) and the scale game
+(``ops/redundancy_game.py``) use it as their projection.
 """
 
 from __future__ import annotations
@@ -88,112 +83,3 @@ def simplex_kkt_residual(w: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     # Off the support, z_i - tau must not be positive (else increasing w_i would lower the objective).
     complementary = ((z - tau).clamp(min=0) * ~positive).amax(-1)
     return torch.maximum(feasibility, torch.maximum(stationarity, complementary))
-
-
-# ------------------------------------------------------------------------------------------ Nash
-def nash_temperature(n_players: int, multiplier: float = 1.0) -> float:
-    """Scale-aware temperature ``2 * S * multiplier``; ``multiplier >= 1`` keeps the map a contraction."""
-    return 2.0 * n_players * multiplier
-
-
-def normalise_utilities(utilities: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Rescale each token's S candidate vectors so that sum_s ||u_s||^2 / D = S (at most).
-
-    utilities: [..., S, D] -> [..., S, D]. Per token, so it is causal and independent of the
-    sequence length (the seed's Frobenius error over the whole sequence grew like sqrt(N D)).
-    """
-    power = utilities.pow(2).mean(dim=(-2, -1), keepdim=True)  # mean over scales and channels
-    return utilities * torch.rsqrt(power + eps)
-
-
-def best_response(
-    weights: torch.Tensor,
-    prior: torch.Tensor,
-    utilities: torch.Tensor,
-    temperature: float,
-    mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """One logit best response of every player to the current consensus.
-
-    weights: [..., S] current mixed strategy; prior: [..., S] learned scores; utilities: [..., S, D]
-    (already normalised); mask: optional bool [..., S] (False = player absent).
-    Player s pays c_s = ||u_s - sum_r w_r u_r||^2 / D and responds with softmax(prior - c / T).
-    """
-    d = utilities.shape[-1]
-    consensus = torch.einsum("...s,...sd->...d", weights, utilities)
-    cost = (utilities - consensus.unsqueeze(-2)).pow(2).sum(-1) / d
-    logits = prior - cost / temperature
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf"))
-    return torch.softmax(logits, dim=-1)
-
-
-def nash_weights(
-    prior: torch.Tensor,
-    utilities: torch.Tensor,
-    n_iters: int,
-    temperature_multiplier: float = 1.0,
-    mask: torch.Tensor | None = None,
-    return_residual: bool = False,
-    eps: float = 1e-6,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Best-response dynamics from w_0 = softmax(prior), ``n_iters`` steps, unrolled (differentiable).
-
-    prior: [..., S]; utilities: [..., S, D]; mask: optional bool [..., S]. Returns w: [..., S] and,
-    with ``return_residual``, ||BR(w) - w||_2 per token [...] (0 at the fixed point).
-
-    Same game as :func:`best_response` on :func:`normalise_utilities`, computed through the S x S Gram
-    matrix so each iteration costs O(S^2) per token instead of O(S D), and only the Gram matrix (not K
-    copies of [..., S, D]) is kept for backward.
-
-    Why it converges: the common ||consensus||^2 term cancels inside the softmax, so the logits are
-    prior - ||u_s||^2 / (D T) + 2 (G w)_s / (D T) with G the Gram matrix of the normalised
-    utilities; ||G||_2 <= trace(G) = S D, and softmax is 1/2-Lipschitz (its Jacobian is a covariance,
-    bounded by Popoviciu's inequality), so the map is Lipschitz with constant <= S / T =
-    1 / (2 * multiplier) <= 1/2: a contraction with a unique fixed point, reached to within
-    2^-n_iters of the starting distance.
-    """
-    if temperature_multiplier < 1.0:
-        raise ValueError(f"temperature_multiplier={temperature_multiplier}: must be >= 1 to keep a contraction")
-    n_players, d = prior.shape[-1], utilities.shape[-1]
-    temperature = nash_temperature(n_players, temperature_multiplier)
-    gram = torch.einsum("...sd,...rd->...sr", utilities, utilities) / d  # [..., S, S]
-    power = torch.diagonal(gram, dim1=-2, dim2=-1).mean(-1)  # mean of u^2 over scales and channels
-    gram = gram / (power + eps)[..., None, None]  # Gram matrix of the normalised utilities, / D
-    base = prior - torch.diagonal(gram, dim1=-2, dim2=-1) / temperature
-    coupling = gram * (2.0 / temperature)
-    if mask is not None:
-        base = base.masked_fill(~mask, float("-inf"))
-    start = prior if mask is None else prior.masked_fill(~mask, float("-inf"))
-    weights = torch.softmax(start, dim=-1)
-
-    def respond(w: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(base + torch.einsum("...sr,...r->...s", coupling, w), dim=-1)
-
-    for _ in range(n_iters):
-        weights = respond(weights)
-    if not return_residual:
-        return weights
-    return weights, (respond(weights) - weights).norm(dim=-1)
-
-
-def nash_weights_reference(
-    prior: np.ndarray, utilities: np.ndarray, n_iters: int, temperature_multiplier: float = 1.0
-) -> np.ndarray:
-    """Plain float64 reference for one token: prior [S], utilities [S, D] -> weights [S]."""
-    prior = np.asarray(prior, dtype=np.float64)
-    u = np.asarray(utilities, dtype=np.float64)
-    n_players, d = u.shape
-    u = u / np.sqrt((u**2).mean() + 1e-6)
-    temperature = 2.0 * n_players * temperature_multiplier
-
-    def softmax(x: np.ndarray) -> np.ndarray:
-        e = np.exp(x - x.max())
-        return e / e.sum()
-
-    w = softmax(prior)
-    for _ in range(n_iters):
-        consensus = w @ u
-        cost = np.array([((u[s] - consensus) ** 2).sum() / d for s in range(n_players)])
-        w = softmax(prior - cost / temperature)
-    return w
