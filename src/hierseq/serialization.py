@@ -76,7 +76,12 @@ def atomic_write(final: Path, write: Callable[[str], Any]) -> None:
 
 
 def load_config(directory: str | Path):
-    directory = Path(directory)
+    """The (registry entry, config) of the model saved in ``directory``."""
+    return _config_from_json(_read_config_json(Path(directory)))
+
+
+def _read_config_json(directory: Path) -> dict[str, Any]:
+    """``directory/config.json`` parsed and checked to be an object naming a ``model_type``."""
     if not directory.is_dir():
         raise FileNotFoundError(f"directory={str(directory)!r}: not a directory")
     cfg_path = directory / CONFIG_NAME
@@ -88,6 +93,10 @@ def load_config(directory: str | Path):
         raise ValueError(f"{CONFIG_NAME}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or "model_type" not in data:
         raise ValueError(f"{CONFIG_NAME}: must be a JSON object with a 'model_type' field")
+    return data
+
+
+def _config_from_json(data: dict[str, Any]):
     entry = get_entry(native_model_type(data["model_type"]))
     if _is_hf_config(data):
         # transformers adds its own fields (dtype, token ids, transformers_version ...): keep the native ones.
@@ -105,7 +114,8 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.
     """Rebuild the model saved in ``directory`` (by :func:`save`, or by ``save_pretrained`` of its
     :mod:`hierseq.hf` wrapper); weights must match the config exactly: names, shapes and dtypes."""
     directory = Path(directory)
-    entry, config = load_config(directory)
+    data = _read_config_json(directory)
+    entry, config = _config_from_json(data)
     weights_path = directory / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{WEIGHTS_NAME}: missing in {str(directory)!r}")
@@ -113,7 +123,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.
         state = load_file(str(weights_path), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{WEIGHTS_NAME}: unreadable or truncated ({e})") from None
-    if _is_hf_config(json.loads((directory / CONFIG_NAME).read_text())):
+    if _is_hf_config(data):
         state = {_strip(k, _HF_WEIGHTS_PREFIX): v for k, v in state.items()}
     model = entry.model_cls(config)
     load_state_exact(model, state, source=str(weights_path))
