@@ -238,12 +238,15 @@ def levelwise_reference(attn: TreeAttention, x: torch.Tensor) -> torch.Tensor:
         for right_start in range(size, L, 2 * size):
             left = slice(right_start - size, right_start)
             right = slice(right_start, min(right_start + size, L))
-            lk, lv = attn.level_kv(normed[:, left]).chunk(2, dim=-1)
-            lk, lv = attn.rotary.rotate(heads(lk), positions[left], L), heads(lv)
-            if not attn.exact:  # mean of each group of size / n_summary consecutive tokens
+            if attn.exact:
+                lk, lv = attn.level_kv(normed[:, left]).chunk(2, dim=-1)
+                lk, lv = attn.rotary.rotate(heads(lk), positions[left], L), heads(lv)
+            else:  # the mean of each group of g = size / n_summary tokens, normed, projected, rotated at its end
                 g = size // attn.n_summary
-                lk = torch.stack([lk[:, :, i : i + g].mean(2) for i in range(0, size, g)], dim=2)
-                lv = torch.stack([lv[:, :, i : i + g].mean(2) for i in range(0, size, g)], dim=2)
+                groups = range(left.start, left.stop, g)
+                means = torch.stack([z[:, i : i + g].mean(1) for i in groups], dim=1)
+                lk, lv = attn.level_kv(F.rms_norm(means, (D,))).chunk(2, dim=-1)
+                lk, lv = attn.rotary.rotate(heads(lk), torch.tensor([i + g - 1 for i in groups]), L), heads(lv)
             rq = attn.rotary.rotate(heads(attn.level_q(normed[:, right])), positions[right], L)
             new_z[:, right] = z[:, right] + attn.level_out(attend(rq, lk, lv, causal=False))
         z = new_z

@@ -45,6 +45,30 @@ itself, so there are no fully masked rows: masks use ``-inf`` (safe in fp16/bf16
 Positions are rotary (relative, any length). A summary key is the mean of already-rotated keys, so it
 stays a linear combination of relative-position keys.
 
+Levelwise
+---------
+``level_mode="levelwise"`` is the seed's tree rather than one joint softmax. After the causal leaf
+attention, the representations h^(0) are updated level by level: at level ``l`` every right child's tokens
+cross-attend to their left sibling and add the result (a residual), h^(l+1) = h^(l) + cross(h^(l)), and left
+children pass unchanged. A token thus reads an earlier leaf through siblings whose tokens were themselves
+updated at the levels below. Each level is one batched call (sibling pairs in the batch dimension) with
+its own RMS norm and one query / key-value / output projection shared by all levels, so any depth works.
+
+* ``exact``: the left sibling's keys / values are projected from every one of its tokens' h^(l).
+* ``summary``: the left sibling is first coarsened, then projected: its ``n_summary`` groups of
+  ``g = size / n_summary`` consecutive tokens are averaged in h^(l), normed, and each mean gets a key and a
+  value, rotated at the position of the group's last token (a summary stands where its group ends, so
+  every summary is strictly in the past of the right child). Pooling before the projection, in the manner
+  of Hourglass's shortening, is what makes a level cheap: the key / value projection runs on
+  ``n_summary`` tokens per node instead of on every left-sibling token, so a level costs the query and
+  output projections of the right children plus O(L / g) more. (Averaging the projected keys instead, the
+  joint mode's pooling, needs the projection of every token; the two differ by the norm and the rotation.)
+
+Cached levelwise decoding (:class:`LevelwiseTreeCache`) keeps, per level, the stored left sibling and the
+node being filled: its tokens' h^(l) summed per summary group (or, in exact mode, their keys / values).
+A new token adds itself to one group per level and cross-attends where its ancestor is a right child, so
+its cost and the state grow with the number of levels, O(log L).
+
 Cached decoding (:class:`TreeAttentionCache`)
 ---------------------------------------------
 After ``j`` completed leaves the state is a binary counter: for every set bit ``l`` of ``j`` a slot holds
@@ -132,16 +156,18 @@ class LevelwiseTreeCache(LayerState):
 
     ``leaf_k``, ``leaf_v``: [B, H, r, Dh] the unfinished leaf, as in :class:`TreeAttentionCache`.
     ``slots[l]``: None, or the (keys, values) of the level-``l`` left sibling, computed from the
-    representations h^(l) of its tokens: [B, H, S, Dh] pooled (summary) or [B, H, leaf * 2**l, Dh] raw.
-    ``partial[l]``: the level-``l`` node being filled: sums of its tokens' keys / values per summary group
-    ([B, H, S, Dh]), or their raw keys / values so far (exact mode). Levels 0 .. bit_length(current leaf).
+    representations h^(l) of its tokens: [B, H, S, Dh] from the group means (summary) or
+    [B, H, leaf * 2**l, Dh] per token (exact).
+    ``partial[l]``: the level-``l`` node being filled: its tokens' h^(l) summed per summary group
+    (a one-tuple of [B, S, D]), or their raw keys / values so far (exact mode). Levels 0 ..
+    bit_length(current leaf).
     """
 
     length: int = 0
     leaf_k: torch.Tensor | None = None
     leaf_v: torch.Tensor | None = None
     slots: list[tuple[torch.Tensor, torch.Tensor] | None] = dataclasses.field(default_factory=list)
-    partial: list[tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=list)
+    partial: list[tuple[torch.Tensor, ...]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -222,8 +248,9 @@ class TreeAttention(Mixer):
             return 2 * self.d_model * (rest + n_leaves * self.leaf_size + filling)
         if self.exact:
             return 2 * seq_len * self.d_model
-        if self.levelwise:  # filled slots, plus one node being filled per level 0 .. bit_length
-            return 2 * self.d_model * (rest + self.n_summary * (bin(n_leaves).count("1") + n_leaves.bit_length() + 1))
+        if self.levelwise:  # filled slots (keys + values), plus one node's group sums per level 0 .. bit_length
+            filled, filling = bin(n_leaves).count("1"), n_leaves.bit_length() + 1
+            return self.d_model * (2 * rest + self.n_summary * (2 * filled + filling))
         per_token = 3 if self.moment else 2  # pooled squared keys for the moment scores
         return self.d_model * (2 * rest + per_token * self.n_summary * bin(n_leaves).count("1"))
 
@@ -489,6 +516,17 @@ class TreeAttention(Mixer):
         """Tokens per summary group of a level-``level`` node."""
         return (self.leaf_size << level) // self.n_summary
 
+    def _pooled_kv(
+        self, means: torch.Tensor, node_starts: torch.Tensor | int, level: int, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summary keys / values of level-``level`` nodes from their group means of h^(level): means:
+        [B, *G, S, D] of nodes starting at positions ``node_starts`` ([*G] or an int; all groups end before
+        ``end``) -> each [B, H, *G, S, Dh], keys rotated at each group's last position."""
+        g = self._level_groups(level)
+        group_ends = torch.arange(1, self.n_summary + 1, device=means.device) * g - 1
+        starts = node_starts.unsqueeze(-1) if isinstance(node_starts, torch.Tensor) else node_starts
+        return self._level_kv_of(means, starts + group_ends, end)
+
     def _levelwise_full(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LevelwiseTreeCache | None
     ) -> torch.Tensor:
@@ -531,9 +569,11 @@ class TreeAttention(Mixer):
         pairs = (F.pad(z, (0, 0, 0, span - Lp)) if span > Lp else z[:, :span]).view(B, n_pairs, 2, size, D)
         positions = torch.arange(span, device=z.device).view(n_pairs, 2, size)
         left, right = pairs[:, :, 0], pairs[:, :, 1]
-        keys, values = self._level_kv_of(left, positions[:, 0], span)  # [B, H, n_pairs, size, Dh]
-        if not self.exact:
-            keys, values = leaf_summaries(keys, self.n_summary), leaf_summaries(values, self.n_summary)
+        if self.exact:
+            keys, values = self._level_kv_of(left, positions[:, 0], span)  # [B, H, n_pairs, size, Dh]
+        else:  # coarsen, then project: n_summary keys per left sibling (module docstring, "Levelwise")
+            means = left.unflatten(2, (self.n_summary, -1)).mean(dim=3)  # [B, n_pairs, S, D]
+            keys, values = self._pooled_kv(means, positions[:, 0, 0], level, span)
         right = right + self._level_cross(right, positions[:, 1], span, keys, values)
         merged = torch.stack((left, right), dim=2).view(B, span, D)
         return merged[:, :Lp] if span >= Lp else torch.cat((merged, z[:, span:]), dim=1)
@@ -541,25 +581,29 @@ class TreeAttention(Mixer):
     def _capture_level(self, state: LevelwiseTreeCache, level: int, z: torch.Tensor) -> None:
         """Level ``level`` of the cache after a prefill, from the representations z = h^(level): [B, L, D]
         of the real tokens: the left sibling of the current node (if it is a right child) and the
-        current node's tokens so far."""
+        current node's tokens so far. Every stored tensor is a copy, so the cache keeps no view of the
+        whole prefill alive."""
         L = z.shape[1]
         size = self.leaf_size << level
         node = (L // self.leaf_size) >> level
         start = node * size
-        first = start - size if node & 1 else start
-        keys, values = self._level_kv_of(z[:, first:], torch.arange(first, L, device=z.device), L)
         while len(state.slots) <= level:
             state.slots.append(None)
-            state.partial.append(None)
+            state.partial.append(())
         state.slots[level] = None
-        if node & 1:  # copies, so the cache keeps no view of the whole prefill alive
-            state.slots[level] = tuple(t.clone() for t in self._node_slot(keys[:, :, :size], values[:, :, :size]))
-        own_k, own_v = keys[:, :, start - first :], values[:, :, start - first :]
+        if node & 1:
+            left = z[:, start - size : start]
+            if self.exact:
+                slot = self._level_kv_of(left, torch.arange(start - size, start, device=z.device), L)
+            else:
+                slot = self._pooled_kv(left.unflatten(1, (self.n_summary, -1)).mean(dim=2), start - size, level, L)
+            state.slots[level] = tuple(t.clone() for t in slot)
+        own = z[:, start:]
         if self.exact:
-            state.partial[level] = (own_k.clone(), own_v.clone())
+            own_kv = self._level_kv_of(own, torch.arange(start, L, device=z.device), L)
+            state.partial[level] = tuple(t.clone() for t in own_kv)
         else:
-            g = self._level_groups(level)
-            state.partial[level] = (group_sums(own_k, self.n_summary, g), group_sums(own_v, self.n_summary, g))
+            state.partial[level] = (group_sums(own, self.n_summary, self._level_groups(level)),)
 
     def _levelwise_extend(
         self, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: LevelwiseTreeCache
@@ -592,14 +636,14 @@ class TreeAttention(Mixer):
         y = F.scaled_dot_product_attention(q, leaf_k, leaf_v, attn_mask=bias.to(q.dtype))
         z = x + y.transpose(1, 2).reshape(B, T, D)
         for level in range(leaf_index.bit_length() + 1):
-            keys, values = self._level_kv_of(z, positions, first + T)
-            part_k, part_v = state.partial[level]
             if self.exact:
+                keys, values = self._level_kv_of(z, positions, first + T)
+                part_k, part_v = state.partial[level]
                 state.partial[level] = (torch.cat((part_k, keys), dim=2), torch.cat((part_v, values), dim=2))
-            else:
+            else:  # one group sum per level: the projection waits until the node is complete
                 node_start = (leaf_index >> level) * (self.leaf_size << level)
                 group = (positions - node_start) // self._level_groups(level)
-                state.partial[level] = (part_k.index_add(2, group, keys), part_v.index_add(2, group, values))
+                state.partial[level] = (state.partial[level][0].index_add(1, group, z),)
             if leaf_index >> level & 1:
                 z = z + self._level_cross(z, positions, first + T, *state.slots[level])
         state.leaf_k, state.leaf_v = leaf_k, leaf_v
@@ -615,36 +659,29 @@ class TreeAttention(Mixer):
         leaf count reaches 2**M, node 0 of level M + 1 starts out holding every token so far."""
         top = leaf_index.bit_length()
         ending = ((leaf_index + 1) & -(leaf_index + 1)).bit_length() - 1  # trailing zeros of leaf_index + 1
+        end = (leaf_index + 1) * self.leaf_size
         for level in range(ending + 1):
-            done_k, done_v = state.partial[level]
+            done = state.partial[level]
             if level == top:
                 state.slots.append(None)
-                state.partial.append(self._grown_partial(done_k, done_v))
+                state.partial.append(self._grown_partial(done))
             if (leaf_index >> level) & 1:
                 state.slots[level] = None
             elif self.exact:
-                state.slots[level] = (done_k, done_v)
+                state.slots[level] = done
             else:
-                g = self._level_groups(level)
-                state.slots[level] = (done_k / g, done_v / g)
-            state.partial[level] = (
-                (done_k[:, :, :0], done_v[:, :, :0])
-                if self.exact
-                else (
-                    torch.zeros_like(done_k),
-                    torch.zeros_like(done_v),
-                )
-            )
+                node_start = (leaf_index >> level) * (self.leaf_size << level)
+                means = done[0] / self._level_groups(level)
+                state.slots[level] = self._pooled_kv(means, node_start, level, end)
+            state.partial[level] = tuple(t[:, :, :0] for t in done) if self.exact else (torch.zeros_like(done[0]),)
 
-    def _grown_partial(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _grown_partial(self, done: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The partial of node 0 one level up from a complete node 0's partial: the same tokens with the
-        same representations; summary groups twice as long, so adjacent group sums add up."""
+        same representations (a left child passes its level unchanged); summary groups twice as long,
+        so adjacent group sums add up."""
         if self.exact:
-            return keys, values
+            return done
+        (sums,) = done  # [B, S, D]
         S = self.n_summary
-
-        def regroup(t: torch.Tensor) -> torch.Tensor:
-            pairs = F.pad(t, (0, 0, 0, S % 2)).unflatten(2, (-1, 2)).sum(dim=3)
-            return F.pad(pairs, (0, 0, 0, S - pairs.shape[2]))
-
-        return regroup(keys), regroup(values)
+        pairs = F.pad(sums, (0, 0, 0, S % 2)).unflatten(1, (-1, 2)).sum(dim=2)
+        return (F.pad(pairs, (0, 0, 0, S - pairs.shape[1])),)
