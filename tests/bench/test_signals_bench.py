@@ -12,9 +12,9 @@ import torch
 import hierseq
 from hierseq.bench.signals import (
     LinearChunkBaseline,
-    _prepare,
     chunk_history_features,
     matched_overrides,
+    prepare_task,
     run_signals_bench,
     summarise,
     verdicts,
@@ -62,7 +62,7 @@ def test_matched_parameter_counts_are_close() -> None:
 
 def test_references_see_exactly_the_data_the_models_train_on() -> None:
     setting = {"n_train": 8, "n_val": 4, "n_test": 4, "length": 30}
-    data = _prepare("hidden_dynamics", 2, setting)
+    data = prepare_task("hidden_dynamics", 2, setting)
     cfg = TrainConfig(
         model="hiss",
         task_options={"signal": "hidden_dynamics", "n_train": 8, "n_val": 4, "n_test": 4, "data_seed": 1002},

@@ -35,14 +35,14 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import check_positive_int
-from ..data.signals import REFERENCE_ESTIMATORS, SIGNAL_TASKS
+from ..data.signals import REFERENCE_ESTIMATORS, SHORT_TASKS, SIGNAL_TASKS
 from ..registry import build_model, count_parameters
 from ..training import TrainConfig, train
 from ..training.metrics import read_metrics
@@ -110,15 +110,21 @@ SETTINGS: dict[str, dict[str, Any]] = {
 PAPER_CLAIM = -0.23
 
 
-def matched_overrides(label: str, d_in: int, d_out: int, chunk_size: int, budget: int) -> dict[str, Any]:
-    """Overrides for model ``label`` whose parameter count is closest to ``budget`` (width searched in
-    steps of 4, which keeps Transformer heads even)."""
-    name, fixed = MODEL_SPECS[label]
+def matched_overrides(
+    label: str, d_in: int, d_out: int, chunk_size: int, budget: int, spec: tuple[str, dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """Overrides for model ``label`` (its :data:`MODEL_SPECS` entry, or ``spec`` = (registry name, fixed
+    overrides)) whose parameter count is closest to ``budget`` (width searched in steps of 4, which keeps
+    Transformer heads even; widths the model refuses, such as Mamba-2's head multiples, are skipped)."""
+    name, fixed = spec or MODEL_SPECS[label]
     base = {**fixed, "d_in": d_in, "d_out": d_out, "chunk_size": chunk_size}
     best: tuple[int, dict[str, Any]] | None = None
     for width in range(4, 513, 4):
         over = {**base, "d_model": width}
-        params = count_parameters(build_model(name, **over))
+        try:
+            params = count_parameters(build_model(name, **over))
+        except ValueError:
+            continue
         if best is None or abs(params - budget) < abs(best[0] - budget):
             best = (params, over)
         if params > budget:
@@ -193,19 +199,21 @@ class LinearChunkBaseline:
 
 
 def _task_options(task: str, seed: int, setting: dict[str, Any]) -> dict[str, Any]:
-    """The regression task options of one (task, seed): data sizes and the data seed 1000 + seed."""
+    """The regression task options of one (task, seed): data sizes, the data seed 1000 + seed, and the
+    chunk size when the setting names one."""
     sizes = {k: setting[k] for k in ("n_train", "n_val", "n_test")}
-    return {"signal": task, **sizes, "data_seed": 1000 + seed}
+    chunk = {"chunk_size": setting["chunk_size"]} if "chunk_size" in setting else {}
+    return {"signal": task, **sizes, "data_seed": 1000 + seed, **chunk}
 
 
-def _prepare(task: str, seed: int, setting: dict[str, Any]) -> RegressionSplits:
+def prepare_task(task: str, seed: int, setting: dict[str, Any]) -> RegressionSplits:
     """Data of one (task, seed), exactly as the training runs draw it: raw splits, the preprocessor
     fitted on train, model-ready tensors."""
     opts = resolve_options(RegressionTask.name, RegressionTask.options, _task_options(task, seed, setting))
     return prepare_regression(opts, setting["length"])
 
 
-def _reference_runs(task: str, seed: int, data: dict[str, Any]) -> list[dict[str, Any]]:
+def reference_runs(task: str, seed: int, data: dict[str, Any]) -> list[dict[str, Any]]:
     """The mean, linear and analytic reference estimators on the test split (standardised units)."""
     train_set, _, test_set = data.raw
     test = data.test
@@ -235,14 +243,23 @@ def _reference_runs(task: str, seed: int, data: dict[str, Any]) -> list[dict[str
     ]
 
 
-def _model_run(
-    task: str, label: str, seed: int, data: RegressionSplits, setting: dict[str, Any], run_dir: Path
+def model_run(
+    task: str,
+    label: str,
+    seed: int,
+    data: RegressionSplits,
+    setting: dict[str, Any],
+    run_dir: Path,
+    spec: tuple[str, dict[str, Any]] | None = None,
+    max_steps: int | None = None,
+    max_time_s: float = 0.0,
 ) -> dict[str, Any]:
-    """Train model ``label`` on (task, seed) with the one training loop (task ``regression``, one
-    validation pass per epoch, the best epoch's weights kept) and test it."""
-    name, _ = MODEL_SPECS[label]
+    """Train model ``label`` (or ``spec`` = (registry name, fixed overrides)) on (task, seed) with the one
+    training loop (task ``regression``, one validation pass per epoch, the best epoch's weights kept) and
+    test it. ``max_steps`` (default: the setting's epochs) and ``max_time_s`` (0: none) end the run."""
+    name, _ = spec or MODEL_SPECS[label]
     over = matched_overrides(
-        label, data.train.x.shape[-1], data.train.y.shape[-1], data.raw[0].chunk_size, setting["params"]
+        label, data.train.x.shape[-1], data.train.y.shape[-1], data.raw[0].chunk_size, setting["params"], spec
     )
     steps_per_epoch = setting["n_train"] // setting["batch_size"]
     cfg = TrainConfig(
@@ -252,7 +269,8 @@ def _model_run(
         task_options=_task_options(task, seed, setting),
         seq_len=setting["length"],
         batch_size=setting["batch_size"],
-        max_steps=setting["epochs"] * steps_per_epoch,
+        max_steps=max_steps or setting["epochs"] * steps_per_epoch,
+        max_time_s=max_time_s,
         lr=setting["lr"],
         warmup_steps=0,
         min_lr_ratio=0.1,  # cosine decay to 10%: the same schedule for every model in the comparison
@@ -311,14 +329,20 @@ def is_hierarchical(label: str) -> bool:
     return label in MODEL_SPECS and MODEL_SPECS[label][0] == "hiss"
 
 
-def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def summarise(
+    runs: list[dict[str, Any]],
+    hierarchical: Callable[[str], bool] | None = None,
+    order: Callable[[str, str], Any] | None = None,
+) -> list[dict[str, Any]]:
     """One row per (task, model or reference): mean / std of the test MSE over seeds, params, mean time.
 
     In a task with HiSS variants and flat models, every HiSS row gets ``vs_best_flat`` (relative change of
     its mean MSE against the best flat model's) and every row of the task ``best_flat``, ``best_hiss`` and
-    ``hiss_vs_best_flat`` (the best HiSS variant's relative change)."""
+    ``hiss_vs_best_flat`` (the best HiSS variant's relative change). ``hierarchical(label)`` tells the HiSS
+    rows and ``order(task, label)`` sorts the rows (defaults: this module's models)."""
+    is_hierarchical_row = hierarchical or is_hierarchical
     rows = []
-    keys = sorted({(r["task"], r["model"]) for r in runs}, key=lambda k: _row_key(*k))
+    keys = sorted({(r["task"], r["model"]) for r in runs}, key=lambda k: (order or _row_key)(*k))
     for task, label in keys:
         group = [r for r in runs if r["task"] == task and r["model"] == label]
         mses = [r["test_mse"] for r in group]
@@ -336,8 +360,8 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
     for task in {r["task"] for r in rows}:
         task_rows = [r for r in rows if r["task"] == task]
-        flat = [r for r in task_rows if r["kind"] == "model" and not is_hierarchical(r["model"])]
-        hiss = [r for r in task_rows if is_hierarchical(r["model"])]
+        flat = [r for r in task_rows if r["kind"] == "model" and not is_hierarchical_row(r["model"])]
+        hiss = [r for r in task_rows if is_hierarchical_row(r["model"])]
         if flat and hiss:
             best_flat = min(flat, key=lambda r: r["test_mse_mean"])
             for r in hiss:
@@ -473,6 +497,31 @@ def _command_line(quick: bool, seeds, tasks, models, threads, out_dir, params, e
     return " ".join(parts) + (f" (Python API: {', '.join(api)})" if api else "")
 
 
+def select_runs(
+    tasks: Sequence[str] | None,
+    models: Sequence[str] | None,
+    seeds: Sequence[int],
+    threads: int | None,
+    known_tasks: Sequence[str],
+    known_models: Sequence[str],
+) -> tuple[list[str], list[str]]:
+    """The tasks and models to run (default: all known), checked, with the seeds checked and the torch
+    thread count set (when given)."""
+    task_list = list(tasks) if tasks is not None else list(known_tasks)
+    model_list = list(models) if models is not None else list(known_models)
+    for t in task_list:
+        if t not in known_tasks:
+            raise ValueError(f"tasks={t!r}: must be among {list(known_tasks)}")
+    for m in model_list:
+        if m not in known_models:
+            raise ValueError(f"models={m!r}: must be among {list(known_models)}")
+    if not seeds:
+        raise ValueError("seeds=[]: need at least one seed")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return task_list, model_list
+
+
 def _clock(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -497,7 +546,7 @@ def run_signals_bench(
             final model) goes under ``out_dir/runs/``.
         quick: tiny data and 2 epochs (a smoke run in seconds; numbers meaningless).
         seeds: each seed re-draws data, initialisation and batch order.
-        tasks: subset of :data:`hierseq.data.signals.SIGNAL_TASKS` (default all).
+        tasks: subset of :data:`hierseq.data.signals.SHORT_TASKS` (default both).
         models: subset of :data:`MODEL_SPECS` labels (default all four).
         params, epochs: override the setting's parameter budget / epochs.
         threads: torch intra-op threads (default: leave as is).
@@ -510,18 +559,7 @@ def run_signals_bench(
         setting["params"] = params
     if epochs is not None:
         setting["epochs"] = epochs
-    task_list = list(tasks) if tasks is not None else list(SIGNAL_TASKS)
-    model_list = list(models) if models is not None else list(MODEL_SPECS)
-    for t in task_list:
-        if t not in SIGNAL_TASKS:
-            raise ValueError(f"tasks={t!r}: must be among {sorted(SIGNAL_TASKS)}")
-    for m in model_list:
-        if m not in MODEL_SPECS:
-            raise ValueError(f"models={m!r}: must be among {list(MODEL_SPECS)}")
-    if not seeds:
-        raise ValueError("seeds=[]: need at least one seed")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    task_list, model_list = select_runs(tasks, models, seeds, threads, SHORT_TASKS, MODEL_SPECS)
     if command is None:
         command = _command_line(quick, seeds, tasks, models, threads, out_dir, params, epochs)
     load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -530,16 +568,14 @@ def run_signals_bench(
     total, done = len(task_list) * len(seeds) * len(model_list), 0
     for task in task_list:
         for seed in seeds:
-            data = _prepare(task, seed, setting)
-            refs = _reference_runs(task, seed, data)
+            data = prepare_task(task, seed, setting)
+            refs = reference_runs(task, seed, data)
             runs += refs
             if progress:
                 text = ", ".join(f"{r['model']} {r['test_mse']:.4f}" for r in refs)
                 print(f"[signals] {task} seed {seed}: references {text}", flush=True)
             for label in model_list:
-                run = _model_run(
-                    task, label, seed, data, setting, Path(out_dir) / "runs" / f"{task}-{label}-seed{seed}"
-                )
+                run = model_run(task, label, seed, data, setting, Path(out_dir) / "runs" / f"{task}-{label}-seed{seed}")
                 runs.append(run)
                 done += 1
                 if progress:

@@ -13,6 +13,10 @@ has everything it needs and nothing more.
   per-sequence random (unobserved) parameters. Input: noisy nonlinear position sensors tanh(p),
   sin(2p) and the noisy forcing u. Target: the hidden state [p, v].
 
+The long, high-rate tasks of :mod:`hierseq.data.long_signals` (``imu9_odometry``, ``tactile_drift``: 100 Hz,
+9 and 16 channels, thousands of steps, a target every 50 steps whatever the chunk size) are registered here
+too, so every signal task is made, split and trained the same way.
+
 Every task returns a :class:`SignalTask` of float32 numpy arrays; nothing touches the network or disk.
 
 Reference estimators (:data:`REFERENCE_ESTIMATORS`) that know the physics and read only the noisy inputs,
@@ -29,6 +33,7 @@ with the same causal alignment as the models (estimate k uses inputs up to the e
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from ..config import check_positive_int, config_error
+from .long_signals import LONG_REFERENCE_ESTIMATORS, LONG_SIMULATORS, OUTPUT_PERIOD
+from .signal_common import ar1_noise, at_chunk_ends
 
 SAMPLE_RATE_HZ = 50.0
 DT = 1.0 / SAMPLE_RATE_HZ
@@ -77,23 +84,6 @@ class SignalTask:
         )
 
 
-def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], corr: float, scale: float) -> np.ndarray:
-    """Stationary AR(1) noise along axis 1 with per-step correlation ``corr`` and marginal std ``scale``.
-    shape: [N, T, ...]. Vectorised over sequences; the loop is over time in data generation only."""
-    out = np.empty(shape)
-    innovation = rng.standard_normal(shape) * scale * np.sqrt(1 - corr**2)
-    out[:, 0] = rng.standard_normal((shape[0], *shape[2:])) * scale
-    for t in range(1, shape[1]):
-        out[:, t] = corr * out[:, t - 1] + innovation[:, t]
-    return out
-
-
-def _chunk_targets(states: np.ndarray, chunk_size: int) -> np.ndarray:
-    """states: [N, T, D] -> the values at the last step of every full chunk: [N, T // C, D]."""
-    n = states.shape[1] // chunk_size
-    return states[:, chunk_size - 1 : n * chunk_size : chunk_size]
-
-
 def _label_mask(rng: np.random.Generator, n_seq: int, n_targets: int, label_dropout: float) -> np.ndarray:
     mask = rng.random((n_seq, n_targets)) >= label_dropout
     mask[:, -1] = True  # every sequence keeps at least one label
@@ -103,9 +93,9 @@ def _label_mask(rng: np.random.Generator, n_seq: int, n_targets: int, label_drop
 def _simulate_imu(rng: np.random.Generator, n: int, length: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
     """A planar vehicle -> (sensors [N, T, 3] (acc_fwd, acc_lat, gyro_z), states [N, T, 4] (px, py, vx, vy))
     in metres and m/s, world frame, from the start pose."""
-    thrust = _smooth_noise(rng, (n, length, 2), corr=0.97, scale=1.0)  # body frame, m/s^2
+    thrust = ar1_noise(rng, (n, length, 2), corr=0.97, scale=1.0)  # body frame, m/s^2
     thrust[..., 0] += 0.3  # a tendency to drive forwards
-    yaw_rate = _smooth_noise(rng, (n, length), corr=0.98, scale=0.6)  # rad/s
+    yaw_rate = ar1_noise(rng, (n, length), corr=0.98, scale=0.6)  # rad/s
     drag = rng.uniform(0.2, 0.6, size=(n, 1))  # 1/s, unobserved
     heading = np.cumsum(yaw_rate, axis=1) * DT
     cos, sin = np.cos(heading), np.sin(heading)
@@ -135,7 +125,7 @@ def _simulate_duffing(rng: np.random.Generator, n: int, length: int, noise: floa
     alpha = rng.uniform(4.0, 16.0, size=n)  # stiffness: 0.3 - 0.6 Hz natural frequency
     beta = rng.uniform(0.0, 4.0, size=n)  # hardening
     damping = rng.uniform(0.1, 0.6, size=n)
-    forcing = _smooth_noise(rng, (n, length), corr=0.95, scale=4.0)
+    forcing = ar1_noise(rng, (n, length), corr=0.95, scale=4.0)
     p = rng.normal(0.0, 0.5, size=n)
     v = rng.normal(0.0, 0.5, size=n)
     states = np.zeros((n, length, 2))
@@ -157,7 +147,12 @@ Simulator = Callable[[np.random.Generator, int, int, float], tuple[np.ndarray, n
 _SIMULATORS: dict[str, tuple[Simulator, tuple[str, ...], tuple[str, ...]]] = {
     "imu_integration": (_simulate_imu, ("acc_fwd", "acc_lat", "gyro_z"), ("px", "py", "vx", "vy")),
     "hidden_dynamics": (_simulate_duffing, ("tanh_p", "sin_2p", "forcing"), ("p", "v")),
+    **LONG_SIMULATORS,
 }
+#: task -> input steps per target, for tasks whose targets come at a fixed rate whatever the chunk size
+#: (the long tasks): only chunks that end on that grid are labelled, so models with different chunk
+#: sizes are scored on the same targets.
+OUTPUT_PERIODS: dict[str, int] = {name: OUTPUT_PERIOD for name in LONG_SIMULATORS}
 
 
 def make_signal_task(
@@ -183,11 +178,19 @@ def make_signal_task(
         raise config_error("noise", noise, "must be >= 0")
     if not 0 <= label_dropout < 1:
         raise config_error("label_dropout", label_dropout, "must be in [0, 1)")
+    period = OUTPUT_PERIODS.get(name)
+    if period is not None and period % chunk_size:
+        raise config_error(
+            "chunk_size", chunk_size, f"must divide {period}: task {name} has a target every {period} steps"
+        )
     simulate, input_names, target_names = _SIMULATORS[name]
     rng = np.random.default_rng(seed)
     sensors, states = simulate(rng, n_sequences, length, noise)
-    targets = _chunk_targets(states, chunk_size)
+    targets = at_chunk_ends(states, chunk_size)
     mask = _label_mask(rng, n_sequences, targets.shape[1], label_dropout)
+    if period is not None:  # a target only where a chunk ends on the task's output grid (none before it)
+        on_grid = (np.arange(1, targets.shape[1] + 1) * chunk_size) % period == 0
+        mask &= on_grid
     return SignalTask(
         name, sensors.astype(np.float32), targets.astype(np.float32), mask, chunk_size, input_names, target_names
     )
@@ -223,7 +226,7 @@ def imu_dead_reckoning(x: np.ndarray, chunk_size: int) -> np.ndarray:
     world = np.stack((cos * acc_fwd - sin * acc_lat, sin * acc_fwd + cos * acc_lat), axis=-1)
     velocity = np.cumsum(world, axis=1) * DT
     position = np.cumsum(velocity, axis=1) * DT
-    return _chunk_targets(np.concatenate((position, velocity), axis=-1), chunk_size)
+    return at_chunk_ends(np.concatenate((position, velocity), axis=-1), chunk_size)
 
 
 def dynamics_sensor_inversion(x: np.ndarray, chunk_size: int) -> np.ndarray:
@@ -254,13 +257,17 @@ def dynamics_sensor_inversion(x: np.ndarray, chunk_size: int) -> np.ndarray:
 REFERENCE_ESTIMATORS: dict[str, tuple[str, Callable[[np.ndarray, int], np.ndarray]]] = {
     "imu_integration": ("dead reckoning (exact double integration of the noisy IMU)", imu_dead_reckoning),
     "hidden_dynamics": ("sensor inversion (last chunk only, no dynamics model)", dynamics_sensor_inversion),
+    **LONG_REFERENCE_ESTIMATORS,
 }
 
 
 SIGNAL_TASKS: dict[str, Callable[..., SignalTask]] = {
     "imu_integration": make_imu_integration,
     "hidden_dynamics": make_hidden_dynamics,
+    **{name: functools.partial(make_signal_task, name) for name in LONG_SIMULATORS},
 }
+#: the two short tasks of ``hierseq bench signals``; the long ones are ``bench signals --long``'s.
+SHORT_TASKS = ("imu_integration", "hidden_dynamics")
 
 
 def make_signal_splits(

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import BaseConfig, check_choice, check_nonneg_int, check_positive_int, config_error
 from ..mixers.attention import Attention, AttentionMixerConfig
+from ..mixers.base import MixerConfig, get_mixer, resolve_mixer_config
 from ..mixers.mamba import Mamba, MambaMixerConfig
 from ..modules.norms import make_norm
 from ..modules.stack import MixerStack
@@ -41,7 +42,7 @@ from ..outputs import SeqRegressionOutput
 from ..registry import register
 from ..validation import check_features
 
-LEVEL_KINDS = ("mamba", "lstm", "transformer")
+LEVEL_KINDS = ("mamba", "lstm", "transformer", "gated_deltanet", "mamba2")
 REMAINDER_POLICIES = ("drop", "partial")
 
 
@@ -132,10 +133,32 @@ def transformer_backbone(d_model: int, n_layers: int, spec: Any) -> StackBackbon
     return StackBackbone(d_model, n_layers, lambda i: Attention(d_model, cfg), mlp="swiglu", norm=spec.norm)
 
 
+def recurrent_control_config(kind: str, spec: Any) -> MixerConfig:
+    """The mixer config of a ``gated_deltanet`` or ``mamba2`` level, sized for the small widths of the
+    signal tasks: ``n_heads`` heads for Gated DeltaNet; Mamba-2 with ``d_state``, ``d_conv``, ``expand``
+    and heads of 16 channels (its LM default of 64 would leave a 20k-parameter model one head)."""
+    if kind == "gated_deltanet":
+        return resolve_mixer_config(kind, None, {"n_heads": spec.n_heads})
+    return resolve_mixer_config(
+        kind, None, {"d_state": spec.d_state, "d_conv": spec.d_conv, "expand": spec.expand, "headdim": 16}
+    )
+
+
+def recurrent_control_backbone(kind: str, d_model: int, n_layers: int, spec: Any) -> StackBackbone:
+    """Gated DeltaNet blocks with a SwiGLU MLP, or Mamba-2 blocks without one, as in their LMs."""
+    cfg = recurrent_control_config(kind, spec)
+    cfg.check(d_model)
+    mixer = get_mixer(kind)
+    mlp = "swiglu" if kind == "gated_deltanet" else "none"
+    return StackBackbone(d_model, n_layers, lambda i: mixer(d_model, cfg), mlp=mlp, norm=spec.norm)
+
+
 def make_backbone(kind: str, d_model: int, n_layers: int, spec: Any) -> nn.Module:
-    """One level: ``kind`` in mamba / lstm / transformer; ``spec`` carries d_state, d_conv, expand,
-    dt_rank, n_heads, norm."""
+    """One level: ``kind`` in :data:`LEVEL_KINDS`; ``spec`` carries d_state, d_conv, expand, dt_rank,
+    n_heads, norm."""
     check_choice("level", kind, LEVEL_KINDS)
+    if kind in ("gated_deltanet", "mamba2"):
+        return recurrent_control_backbone(kind, d_model, n_layers, spec)
     return {"mamba": mamba_backbone, "lstm": LSTMBackbone, "transformer": transformer_backbone}[kind](
         d_model, n_layers, spec
     )
@@ -206,6 +229,8 @@ class ChunkedRegressionConfig(BaseConfig):
 
     def check_level(self, field_name: str, kind: str, width: int) -> None:
         check_choice(field_name, kind, LEVEL_KINDS)
+        if kind in ("gated_deltanet", "mamba2"):
+            recurrent_control_config(kind, self).check(width)
         if kind == "transformer" and (width % self.n_heads or (width // self.n_heads) % 2):
             raise config_error(
                 "n_heads", self.n_heads, f"a transformer {field_name} of width {width} needs an even head dim"
