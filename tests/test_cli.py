@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hierseq.cli import main
 from hierseq.training.checkpoint import load_trainer_state
@@ -153,3 +154,49 @@ def test_train_runs_the_shipped_hiss_config_with_overrides(tmp_path: Path) -> No
     assert [e["step"] for e in events if e["event"] == "eval"] == [2, 3] and events[-1]["event"] == "test"
     saved = (out / "train_config.yaml").read_text()
     assert "lr: 0.003" in saved and "n_train: 8" in saved and "d_model: 8" in saved
+
+
+def test_train_eval_generate_with_bpe_on_the_embedded_corpus_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """`hierseq train --tokenizer bpe:4096` on the embedded corpus, then eval and generate with no tokenizer
+    argument, offline; the saved folder reloads with its tokenizer through hierseq.load and through
+    AutoTokenizer + AutoModelForCausalLM."""
+    import transformers
+
+    import hierseq
+    import hierseq.hf  # noqa: F401  (registers the Auto classes)
+    from hierseq.data import tokenizer_of
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    sets = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "seq_len=32", "batch_size=4", "max_steps=2"]
+    sets += ["eval_batches=1", "progress=false", "warmup_steps=1"]
+    args = ["train", "--model", "transformer", "--tokenizer", "bpe:4096", "--out", "run"]
+    assert main([*args, *sum((["--set", s] for s in sets), [])]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer bpe:4096 (trained on the train split, 4096 tokens): tokens per byte train 0.2" in out
+    assert "nats/token" in out and "bits/byte" in out
+
+    assert main(["eval", "run", "--max-batches", "2"]) == 0
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("val: loss ") and "nats/token" in line and "(tokenizer bpe:4096, 0.2" in line
+
+    prompt = "It is a truth universally acknowledged"
+    assert main(["generate", "run", "--prompt", prompt, "--max-new-tokens", "8", "--temperature", "0"]) == 0
+    text = capsys.readouterr().out.rstrip("\n")
+    model = hierseq.load(tmp_path / "run" / "final")
+    tokenizer = tokenizer_of(model)
+    assert tokenizer.spec == "bpe:4096" and model.config.vocab_size == 4096
+    ids = hierseq.generate(model, tokenizer.encode(prompt)[None], 8, temperature=0)
+    assert text == prompt + tokenizer.decode(ids[0, -8:])  # 8 tokens, decoded by the saved tokenizer
+
+    auto_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "run" / "final")
+    unicode = "naïve café 👍🏽 e\u0301 日本語"
+    assert auto_tok(unicode)["input_ids"] == tokenizer.encode(unicode).tolist()
+    assert auto_tok.decode(auto_tok(unicode)["input_ids"]) == unicode
+    auto_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    prompt_ids = auto_tok(prompt, return_tensors="pt")["input_ids"]
+    assert torch.equal(auto_model.generate(prompt_ids, max_new_tokens=8, do_sample=False), ids)
+    auto_model.save_pretrained(tmp_path / "hf_copy")  # carries the tokenizer along
+    assert tokenizer_of(hierseq.load(tmp_path / "hf_copy")).to_json() == tokenizer.to_json()

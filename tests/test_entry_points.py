@@ -22,6 +22,7 @@ import pytest
 
 import hierseq
 from hierseq.cli import main, make_parser
+from hierseq.data.subword import train_bpe
 from hierseq.training.__main__ import main as training_main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -56,6 +57,8 @@ class World:
     used: Path  # a folder holding a run's metrics but no checkpoint
     yaml_ok: Path  # a valid config for python -m hierseq.training
     yaml_bad: Path  # not YAML
+    docs: Path  # a small jsonl file of documents (hf: data)
+    foreign_tokenizer: Path  # a saved causal LM (vocab 64) next to another model's 257-token tokenizer.json
 
     def paths(self) -> dict[str, str]:
         return {k: str(v) for k, v in vars(self).items()}
@@ -85,7 +88,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     yaml_ok.write_text(f"model: transformer\ndata: {text}\nout_dir: {root / 'yaml_run'}\nprogress: false\n")
     yaml_bad = root / "bad.yaml"
     yaml_bad.write_text("model: [transformer\n")
-    return World(root, text, other, run, hama, hiss, small, root / "empty", root / "used", yaml_ok, yaml_bad)
+    docs = root / "docs.jsonl"
+    docs.write_text("".join(f'{{"text": "document {i}: the quick brown fox"}}\n' for i in range(200)))
+    foreign = hierseq.save(
+        hierseq.build_model("transformer", vocab_size=64, d_model=16, n_layers=1, n_heads=2), root / "foreign"
+    )
+    (foreign / "tokenizer.json").write_text(train_bpe(text.read_text(), 257).to_json())
+    return World(
+        root, text, other, run, hama, hiss, small, root / "empty", root / "used", yaml_ok, yaml_bad, docs, foreign
+    )
 
 
 def snapshot(*roots: Path) -> dict[str, tuple[int, str]]:
@@ -149,6 +160,55 @@ CASES = [
     ),
     ("hierseq", ["train", "--data", "{text}", "--out", "{used}", "--resume", *TINY], "no checkpoint to resume from"),
     ("hierseq", ["train", "--model", "hama", S, "task=regression"], "task='regression': trains seq_regression"),
+    # --------------------------------------------------------------------------- train: tokenizers and hf: data
+    (
+        "hierseq",
+        ["train", "--tokenizer", "words", "--out", "{new}", *TINY],
+        "tokenizer='words': must be 'bytes', 'bpe:",
+    ),
+    ("hierseq", ["train", "--tokenizer", "bpe:100", "--out", "{new}", *TINY], "needs an integer vocab_size >= 257"),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--tokenizer", "hf:{root}/none/tokenizer.json", "--out", "{new}", *TINY],
+        "tokenizer='hf:{root}/none/tokenizer.json': no such file or directory",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--tokenizer", "hf:{no_model}", "--out", "{new}", *TINY],
+        "tokenizer='hf:{no_model}': the folder holds no tokenizer.json",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--tokenizer", "hf:hierseq-tests/no-such-tokenizer", "--out", "{new}", *TINY],
+        "tokenizer='hf:hierseq-tests/no-such-tokenizer': is a Hugging Face hub name, the hub is offline",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--tokenizer", "bpe:5000", "--out", "{new}", *TINY],
+        "tokenizer='bpe:5000': the training split (4,860 bytes) allows only 288 tokens",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--tokenizer", "bpe:257", "--out", "{new}", *TINY, S, "model.vocab_size=256"],
+        "model_config.vocab_size=256: the tokenizer 'bpe:257' has 257 tokens",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "{text}", "--out", "{run}", "--resume", "--tokenizer", "bpe:257", *TINY],
+        "resume: tokenizer='bpe:257' differs from the checkpoint's 'bytes'",
+    ),
+    ("hierseq", ["train", "--model", "hama", "--tokenizer", "bpe:300", *TINY_HAMA], "is an lm task field"),
+    (
+        "hierseq",
+        ["train", "--data", "hf:{root}/missing.parquet", "--out", "{new}", *TINY],
+        "data='hf:{root}/missing.parquet': no such file or directory",
+    ),
+    (
+        "hierseq",
+        ["train", "--data", "hf:wikitext:wikitext-103-raw-v1", "--out", "{new}", *TINY],
+        "is a Hugging Face hub dataset and the hub is offline",
+    ),
+    ("hierseq", ["train", "--data", "hf:{docs}@nope", "--out", "{new}", *TINY], "Bad split: nope"),
     (
         "hierseq",
         ["train", "--config", str(CONFIGS / "hiss_imu.yaml"), "--out", "{new}", S, "model.chunk_size=7"],
@@ -163,6 +223,8 @@ CASES = [
     ("hierseq", ["eval", "{run}", "--split", "nope"], "argument --split: invalid choice: 'nope'"),
     ("hierseq", ["eval", "{run}", "--seq-len", "0"], "argument --seq-len: '0': must be a positive integer"),
     ("hierseq", ["eval", "{small_vocab}", "--data", "{text}"], "vocab_size=64: the corpus"),
+    ("hierseq", ["eval", "{run}", "--data", "hf:/no/such.jsonl"], "--data='hf:/no/such.jsonl': no such file"),
+    ("hierseq", ["eval", "{foreign_tokenizer}"], "tokenizer.json: has 257 tokens, the model's vocab_size in config"),
     # --------------------------------------------------------------------------- generate
     ("hierseq", ["generate", "{run}", "--top-p", "0"], "top_p=0.0: must be None or a number in (0, 1]"),
     ("hierseq", ["generate", "{run}", "--temperature", "-1"], "temperature=-1.0"),
@@ -172,6 +234,7 @@ CASES = [
     ("hierseq", ["generate", "{hama}"], "holds a masked_ae model (hama); `hierseq generate`"),
     ("hierseq", ["generate", "{small_vocab}", "--prompt", "xyz"], "--prompt: token id 122 out of range"),
     ("hierseq", ["generate", "{root}/no_such_dir"], "no such directory"),
+    ("hierseq", ["generate", "{foreign_tokenizer}"], "tokenizer.json: has 257 tokens"),
     # --------------------------------------------------------------------------- bench
     ("hierseq", ["bench", "speed", "--models", "nosuchmodel", "--out", "{new}"], "nosuchmodel"),
     ("hierseq", ["bench", "speed", "--lengths", "1,x", "--out", "{new}"], "comma-separated list of int"),
@@ -180,6 +243,8 @@ CASES = [
     ("hierseq", ["bench", "signals", "--tasks", "nope", "--out", "{new}"], "tasks='nope'"),
     ("hierseq", ["bench", "recon", "--tasks", "nope", "--out", "{new}"], "tasks=['nope']"),
     ("hierseq", ["bench", "lm", "--data", "/no/such.txt", "--out", "{new}"], "data='/no/such.txt'"),
+    ("hierseq", ["bench", "lm", "--tokenizer", "bpe:4k", "--out", "{new}"], "tokenizer='bpe:4k': bpe:<vocab_size>"),
+    ("hierseq", ["bench", "lm", "--data", "hf:{root}/gone", "--out", "{new}"], "data='hf:{root}/gone': no such"),
     ("hierseq", ["bench", "nosuch"], "argument bench: invalid choice: 'nosuch'"),
     # --------------------------------------------------------------------------- info, the bare command
     ("hierseq", ["info", "nosuchmodel"], "nosuchmodel"),
@@ -192,6 +257,7 @@ CASES = [
     ("training", ["{yaml_ok}", S, "lr=-1"], "lr=-1.0: must be a number in (0.0, inf]"),
     ("training", ["{yaml_ok}", S, "out_dir={run}", *TINY], "already holds a run"),
     ("training", [str(CONFIGS / "hiss_imu.yaml"), S, "model.chunk_size=7"], "task.chunk_size=7"),
+    ("training", ["{yaml_ok}", S, "tokenizer=bpe:1"], "tokenizer='bpe:1': bpe:<vocab_size> needs an integer"),
 ]
 
 
@@ -202,6 +268,7 @@ def test_bad_input_is_one_line_and_changes_nothing(
     values = {**world.paths(), "new": str(tmp_path / "new"), "home": str(Path.home().resolve())}
     argv = [a.format(**values) for a in argv]
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the table runs offline: no row may reach the network
     capsys.readouterr()
     before = snapshot(world.root, tmp_path)
     rc = (main if entry == "hierseq" else training_main)(argv)
@@ -229,10 +296,15 @@ def _run(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     [
         ("hierseq.training", ["{yaml_ok}", S, "seq_len=0"], "seq_len=0: must be a positive integer"),
         ("hierseq.cli", ["train", "--data", "/dev/zero"], "is not a regular file"),
+        # Offline as the hub libraries see it from their start (HF_HUB_OFFLINE set before they are imported).
+        ("hierseq.cli", ["train", "--tokenizer", "hf:hierseq-tests/none", *TINY], "hub name, the hub is offline"),
+        ("hierseq.cli", ["train", "--data", "hf:hierseq-tests/none", *TINY], "hub dataset and the hub is offline"),
     ],
 )
 def test_module_entries_in_a_process(world: World, tmp_path: Path, module: str, args: list[str], needle: str) -> None:
-    proc = _run([sys.executable, "-m", module, *(a.format(**world.paths()) for a in args)], tmp_path)
+    hub_home = str(world.root / "hf_home")  # an empty hub cache, outside the folder that must stay empty
+    args = [sys.executable, "-m", module, *(a.format(**world.paths()) for a in args)]
+    proc = _run(args, tmp_path, HF_HUB_OFFLINE="1", HF_HOME=hub_home)
     assert_one_line_error(proc.returncode, proc.stderr, needle)
     assert proc.returncode == 2 and list(tmp_path.iterdir()) == []
 
@@ -428,3 +500,19 @@ def test_a_closed_stdout_ends_quietly() -> None:
         os.close(write_end)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
+
+
+# ------------------------------------------------------------------------------------ a missing optional extra
+@pytest.mark.parametrize(
+    "module, args, needle",
+    [
+        ("datasets", ["--data", "hf:{docs}"], "reading Hugging Face datasets needs the optional 'data' extra: pip"),
+        ("tokenizers", ["--data", "{text}", "--tokenizer", "bpe:300"], "needs the optional 'hf' extra: pip install"),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_it(world: World, tmp_path: Path, monkeypatch, capsys, module, args, needle):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+    before = snapshot(world.root)
+    rc = main(["train", *(a.format(**world.paths()) for a in args), "--out", str(tmp_path / "run"), *TINY])
+    assert_one_line_error(rc, capsys.readouterr().err, needle)
+    assert rc == 2 and list(tmp_path.iterdir()) == [] and snapshot(world.root) == before

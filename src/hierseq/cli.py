@@ -66,15 +66,15 @@ def error_message(exc: BaseException) -> tuple[str, int]:
     """The one-line message and exit code for an exception that reached an entry point.
 
     Bad input (``ValueError`` / ``TypeError``: every validator in hierseq raises them as
-    ``name=value: rule``, and missing paths) exits 2; a run that failed (a write into ``out_dir``, a
-    non-finite loss) exits 1; anything else is a bug, reported in one line too, with its type."""
+    ``name=value: rule``; missing paths; a missing optional extra) exits 2; a run that failed (a write into
+    ``out_dir``, a non-finite loss) exits 1; anything else is a bug, reported in one line too, with its type."""
     from safetensors import SafetensorError
 
-    from hierseq.config import RunStopped
+    from hierseq.config import MissingExtra, RunStopped
 
     if isinstance(exc, RunStopped):
         return _one_line(exc), EXIT_FAILURE
-    if isinstance(exc, (ValueError, TypeError)):
+    if isinstance(exc, (ValueError, TypeError, MissingExtra)):
         return _one_line(exc), EXIT_USAGE
     if isinstance(exc, OSError):
         bad_path = isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError, FileExistsError))
@@ -139,13 +139,18 @@ def positive_int(text: str) -> int:
 
 def build_train_config(args: argparse.Namespace):
     """The run's :class:`~hierseq.training.TrainConfig` (any model kind) from (YAML file) <- (--model,
-    --data, --out, --resume flags) <- (--set overrides, :mod:`hierseq.training.overrides`). Paths are
+    --data, --tokenizer, --out, --resume flags) <- (--set overrides, :mod:`hierseq.training.overrides`). Paths are
     checked by the trainer, before it writes anything."""
     from hierseq.training.config import TrainConfig, load_yaml_mapping
     from hierseq.training.overrides import apply_overrides
 
     data: dict[str, Any] = load_yaml_mapping(args.config) if args.config else {}
-    for key, value in (("model", args.model), ("data", args.data), ("out_dir", args.out)):
+    for key, value in (
+        ("model", args.model),
+        ("data", args.data),
+        ("tokenizer", args.tokenizer),
+        ("out_dir", args.out),
+    ):
         if value is not None:  # `--out ''` is a value (refused by TrainConfig), not "use the default"
             data[key] = value
     if args.resume:
@@ -234,19 +239,20 @@ def _load_causal_lm(path: str, command: str):
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from hierseq.data.corpora import check_data_path, load_corpus
-    from hierseq.training import evaluate
+    from hierseq.data.corpora import check_data, data_exists, load_corpus
+    from hierseq.data.tokenizer import ByteTokenizer, tokenize_split, tokenizer_of
     from hierseq.training.run_dir import recorded_run
     from hierseq.training.tasks import TASKS
+    from hierseq.training.tasks.lm import evaluate_split
 
     model_dir = _model_dir(args.model_dir)
     run = recorded_run(model_dir)
     # The data: --data, else the corpus the run recorded (its absolute path), else the embedded corpus.
     if args.data is not None:
-        data, source = str(check_data_path(args.data, "--data")), "--data"
+        data, source = check_data(args.data, "--data"), "--data"
     elif run is not None and run.data is not None:
         data, source = run.data, f"recorded by the run in {str(run.directory)!r}"
-        if not Path(data).exists():
+        if not data_exists(data):
             raise FileNotFoundError(
                 f"data={data!r}: the corpus recorded by the run in {str(run.directory)!r} is gone; pass --data"
             )
@@ -261,14 +267,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
     seq_len = args.seq_len or (run.seq_len if run is not None and run.seq_len else DEFAULT_EVAL_SEQ_LEN)
     model = _load_causal_lm(args.model_dir, "eval")
+    tokenizer = tokenizer_of(model)  # the one saved with the model
     corpus = load_corpus(data, min_split_len=seq_len + 1)
-    corpus.check_vocab(model.config.vocab_size, name="vocab_size")
+    if isinstance(tokenizer, ByteTokenizer):
+        corpus.check_vocab(model.config.vocab_size, name="vocab_size")
     print(f"data: {corpus.description} ({source})")
-    result = evaluate(model, corpus.split(args.split), seq_len, args.batch_size, args.max_batches)
-    print(
-        f"{args.split}: loss {result['loss']:.4f} nats, {result['bpb']:.4f} bits/byte over {result['tokens']} "
-        f"tokens (seq_len {seq_len})"
-    )
+    split = tokenize_split(corpus.split(args.split), tokenizer)
+    if len(split) < seq_len + 1:
+        raise ValueError(
+            f"--seq-len={seq_len}: the {args.split} split is {len(split)} tokens under the model's tokenizer "
+            f"{tokenizer.spec!r}, needs at least seq_len + 1"
+        )
+    result = evaluate_split(model, split, seq_len, args.batch_size, args.max_batches)
+    if isinstance(tokenizer, ByteTokenizer):
+        print(
+            f"{args.split}: loss {result['loss']:.4f} nats, {result['bpb']:.4f} bits/byte over {result['tokens']} "
+            f"tokens (seq_len {seq_len})"
+        )
+    else:
+        print(
+            f"{args.split}: loss {result['loss']:.4f} nats/token, {result['bpb']:.4f} bits/byte over "
+            f"{result['tokens']} tokens = {result['bytes']} bytes (tokenizer {tokenizer.spec}, "
+            f"{result['tokens'] / max(result['bytes'], 1):.4f} tokens/byte; seq_len {seq_len})"
+        )
     return 0
 
 
@@ -276,35 +297,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import hierseq
-    from hierseq.data.tokenizer import ByteTokenizer
+    from hierseq.data.tokenizer import tokenizer_of
     from hierseq.generation import check_sampling_arguments
     from hierseq.validation import check_input_ids
 
     # Everything is checked before the first byte is printed (`generate ... > file` gets all or nothing).
     check_sampling_arguments(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    tok = ByteTokenizer()
-    prompt = tok.encode(args.prompt)
-    if prompt.numel() == 0:
+    if not args.prompt:
         raise ValueError("--prompt='': must contain at least one character")
     model = _load_causal_lm(args.model_dir, "generate")
+    tokenizer = tokenizer_of(model)  # the one saved with the model (bytes when none was)
+    prompt = tokenizer.encode(args.prompt)
+    if prompt.numel() == 0:
+        raise ValueError(f"--prompt={args.prompt!r}: the tokenizer {tokenizer.spec!r} gives it no token")
     try:
         check_input_ids(prompt[None], model.config.vocab_size, name="--prompt")
     except ValueError as e:
         raise ValueError(f"{e} (the model's vocab_size is {model.config.vocab_size})") from None
     print(args.prompt, end="", flush=True)
-    pending: list[int] = []
+    # A character's bytes (or a word's pieces) can arrive over several steps: print only what decodes.
+    decode = tokenizer.stream_decoder(prompt.tolist())
 
     def stream(step: int, tokens: torch.Tensor) -> None:
-        # Bytes of one UTF-8 character can arrive over several steps: print only what decodes.
-        pending.append(int(tokens[0]))
-        try:
-            text = bytes(pending).decode("utf-8")
-        except UnicodeDecodeError:
-            if len(pending) < 4:
-                return
-            text = bytes(pending).decode("utf-8", errors="replace")
-        print(text, end="", flush=True)
-        pending.clear()
+        text = decode(int(tokens[0]))
+        if text:
+            print(text, end="", flush=True)
 
     hierseq.generate(
         model,
@@ -364,6 +381,7 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
         models=_split_list(args.models),
         data=os.path.expanduser(args.data) if args.data else args.data,
         seeds=_split_list(args.seeds, int),
+        tokenizer=args.tokenizer,
     )
     return 0
 
@@ -460,6 +478,13 @@ TRAIN_EPILOG = (
 )
 
 
+TOKENIZER_HELP = (
+    "bytes, bpe:VOCAB_SIZE (a byte-level BPE trained on the training split, offline, deterministic) or "
+    "hf:PATH_OR_NAME (a tokenizer.json, a folder holding one, or a Hugging Face hub name); subwords need pip "
+    "install 'hierseq[hf]'. The tokenizer sets vocab_size and is saved with the model"
+)
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hierseq", description="Hierarchical sequence models, measured honestly.", epilog=TOP_EPILOG)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
@@ -478,8 +503,11 @@ def make_parser() -> argparse.ArgumentParser:
         "--data",
         help="text file or folder, ~ expanded (default: the embedded Austen corpus). A file is split by position "
         "90/5/5; a folder's *.txt/*.md/*.text files by file from 4 files on (the last ~5%% each, at least one, "
-        "to val and test), else joined and split by position. The run records the absolute path.",
+        "to val and test), else joined and split by position. Or hf:DATASET[:CONFIG][@SPLIT]: a Hugging Face "
+        "dataset (hub name, or a local .parquet/.jsonl/.json/.txt/.csv file or folder) through `datasets` (pip "
+        "install 'hierseq[data]'). The run records the absolute path.",
     )
+    p.add_argument("--tokenizer", help=TOKENIZER_HELP + " (default: the config's, else bytes)")
     p.add_argument("--out", help="output directory (default: the config's out_dir, else runs/train)")
     p.add_argument(
         "--resume",
@@ -487,7 +515,8 @@ def make_parser() -> argparse.ArgumentParser:
         help="continue the run in OUT from its checkpoint/ (bit-exact with unchanged settings). Changed lr, "
         "warmup_steps, min_lr_ratio, schedule_steps, max_steps, weight_decay, beta1, beta2, grad_clip (and "
         "the eval/log/save settings) apply from the resumed step on, are logged, and are recorded in "
-        "train_config.yaml and metrics.jsonl; model, task, data, seq_len, batch_size, loader and seed must match",
+        "train_config.yaml and metrics.jsonl; model, task, data, tokenizer, seq_len, batch_size, loader and seed "
+        "must match (the run's saved tokenizer is read, never trained again)",
     )
     p.add_argument(
         "--overwrite",
@@ -504,12 +533,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="loss and bits per byte of a saved causal LM")
+    p = sub.add_parser("eval", help="loss and bits per byte of a saved causal LM (with its saved tokenizer)")
     p.add_argument("model_dir", help="a hierseq.save or save_pretrained directory, or a training run directory")
     p.add_argument(
         "--data",
-        help="text file or folder (default: the corpus the run recorded, for a run directory; else the embedded "
-        "Austen corpus); the command prints which corpus it read",
+        help="text file or folder, or hf:DATASET[:CONFIG][@SPLIT] (default: the corpus the run recorded, for a "
+        "run directory; else the embedded Austen corpus); the command prints which corpus it read",
     )
     p.add_argument("--split", choices=["train", "val", "test"], default="val", help="the split to score")
     p.add_argument(
@@ -530,7 +559,7 @@ def make_parser() -> argparse.ArgumentParser:
     _numeric_options(
         p,
         {
-            "max_new_tokens": "bytes to generate",
+            "max_new_tokens": "tokens to generate (bytes, for a byte-level model)",
             "temperature": "sampling temperature; 0 = greedy",
             "top_p": "nucleus sampling: keep the most probable tokens up to this mass, in (0, 1]",
             "seed": "seed of the sampler",
@@ -564,7 +593,14 @@ def make_parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores (default)")
     size.add_argument("--full", action="store_true", help="larger models, longer, three seeds")
     p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
-    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
+    p.add_argument(
+        "--data", help="text file or folder, or hf:DATASET[:CONFIG][@SPLIT] (default: the embedded Austen corpus)"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default="bytes",
+        help=TOKENIZER_HELP + "; one tokenizer for every model, bits per byte comparable across tokenizers",
+    )
     p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
     p.add_argument("--out", default="runs/bench/lm", help="output directory")
     p.set_defaults(func=cmd_bench_lm)

@@ -30,6 +30,22 @@ class RunStopped(RuntimeError):
     what was kept. Entry points report it in one line, like bad input (:func:`hierseq.cli.run_entry_point`)."""
 
 
+class MissingExtra(ImportError):
+    """A feature needs an optional extra that is not installed; the message names it (``pip install
+    'hierseq[data]'``). Entry points report it in one line, as bad input (the fix is the user's)."""
+
+
+def import_extra(module: str, extra: str, what: str) -> Any:
+    """The module ``module`` of the optional ``extra``, imported; else :class:`MissingExtra` saying ``what``
+    (e.g. ``data='hf:x': reading Hugging Face datasets``) needs it and how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{what} needs the optional {extra!r} extra: pip install 'hierseq[{extra}]'") from None
+
+
 def check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise config_error(name, value, "must be a positive integer")

@@ -12,9 +12,13 @@ for each registered causal LM ``<name>``:
 and registers both with ``AutoConfig`` / ``AutoModelForCausalLM``. So, with ``import hierseq.hf``::
 
     model = hierseq.hf.from_native("runs/my_model")        # a hierseq.save directory
-    model.save_pretrained("hf_model")                       # config.json + model.safetensors
+    model.save_pretrained("hf_model")                       # config.json + model.safetensors (+ tokenizer)
     model = AutoModelForCausalLM.from_pretrained("hf_model")
+    tokenizer = AutoTokenizer.from_pretrained("hf_model")   # a model trained with a subword tokenizer
     out = model.generate(ids, max_new_tokens=32, do_sample=True, top_p=0.9)
+
+A model trained with a subword tokenizer carries it (``model.model.tokenizer``): ``save_pretrained`` writes it
+beside the weights as ``tokenizer.json`` + ``tokenizer_config.json``, which ``AutoTokenizer`` reads.
 
 Conventions that differ from the native API, on purpose, to match what transformers users expect:
 
@@ -45,8 +49,9 @@ from transformers.generation.configuration_utils import GenerationMode
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import BaseConfig
+from .data.tokenizer import attach_tokenizer, load_saved_tokenizer
 from .registry import get_entry, list_models
-from .serialization import MODEL_TYPE_PREFIX
+from .serialization import MODEL_TYPE_PREFIX, remove_stale_tokenizer_files, write_tokenizer_files
 from .serialization import load as load_native
 
 __all__ = [
@@ -236,13 +241,24 @@ class HierseqForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> HierseqForCausalLM:
         """transformers' ``from_pretrained``, then the native constructor's computed buffers (left out of
-        the checkpoint, replaced by placeholders during loading) are put back."""
+        the checkpoint, replaced by placeholders during loading) are put back, and a local directory's saved
+        tokenizer is given to the native model (so ``save_pretrained`` and ``hierseq.save`` write it again)."""
         model = super().from_pretrained(*args, **kwargs)
-        if isinstance(model, tuple):  # output_loading_info=True
-            model[0]._restore_computed_buffers()
-        else:
-            model._restore_computed_buffers()
+        loaded = model[0] if isinstance(model, tuple) else model  # a tuple with output_loading_info=True
+        loaded._restore_computed_buffers()
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        if isinstance(source, (str, Path)) and Path(source).is_dir():
+            tokenizer = load_saved_tokenizer(Path(source), loaded.config.vocab_size)
+            if tokenizer is not None:
+                attach_tokenizer(loaded.model, tokenizer)
         return model
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """transformers' ``save_pretrained``, plus the native model's tokenizer (``tokenizer.json`` and the
+        ``tokenizer_config.json`` ``AutoTokenizer`` reads), when it carries a subword one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True) and not write_tokenizer_files(self.model, Path(save_directory)):
+            remove_stale_tokenizer_files(Path(save_directory))  # as hierseq.save does
 
     def _restore_computed_buffers(self) -> None:
         for name, value in self._computed_buffers.items():

@@ -5,6 +5,10 @@ bare names such as ``mamba`` are transformers' own model types, and ``AutoModelF
 its Mamba for them). :func:`load` reads three kinds of directories: these, those of older hierseq
 versions (bare ``model_type``), and ``save_pretrained`` directories of :mod:`hierseq.hf` (the native
 fields among transformers' own, weights under the wrapper's ``model.`` prefix).
+
+A model that carries a subword tokenizer (``model.tokenizer``, see :mod:`hierseq.data.tokenizer`) is saved
+with it: ``tokenizer.json`` + ``tokenizer_config.json`` beside the weights (``AutoTokenizer`` reads them), and
+:func:`load` gives it back to the loaded model.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from safetensors.torch import load_file, save_model
 from torch import nn
 
 from .config import BaseConfig
+from .data.tokenizer import load_saved_tokenizer, stale_tokenizer_files, tokenizer_files
 from .registry import get_entry
 
 CONFIG_NAME = "config.json"
@@ -43,8 +48,10 @@ def native_model_type(model_type: Any) -> Any:
 
 def save(model: nn.Module, directory: str | Path) -> Path:
     """Write ``model`` (a registered hierseq model, or its :mod:`hierseq.hf` wrapper, saved as the native
-    model it holds) to ``directory`` (created if needed). Files are written to temporary names and
-    renamed, so an interrupted save never leaves a half-written file under the final name."""
+    model it holds) and the tokenizer it carries to ``directory`` (created if needed). Files are written to
+    temporary names and renamed, so an interrupted save never leaves a half-written file under the final
+    name. A model without a subword tokenizer removes the tokenizer files an earlier hierseq save left there
+    (never other ones), so the folder never pairs it with another model's tokenizer."""
     native = getattr(model, "native_model", None)  # a hierseq.hf wrapper: save what it wraps
     if isinstance(native, nn.Module):
         model = native
@@ -55,11 +62,30 @@ def save(model: nn.Module, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     data = {**config.to_dict(), "model_type": MODEL_TYPE_PREFIX + config.model_type}
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    # Weights first: a failure leaves the previous config.json, which still describes the previous weights.
-    # save_model de-duplicates tied tensors (e.g. the embedding shared with the LM head).
+    # Tokenizer and weights first, config.json last: a failure leaves the previous config.json, whose
+    # vocab_size load() checks the tokenizer against. save_model de-duplicates tied tensors (e.g. the
+    # embedding shared with the LM head).
+    wrote_tokenizer = write_tokenizer_files(model, directory)
     atomic_write(directory / WEIGHTS_NAME, lambda p: save_model(model, p))
     atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(text))
+    if not wrote_tokenizer:  # only once the new model is complete: a failed save keeps the previous pair intact
+        remove_stale_tokenizer_files(directory)
     return directory
+
+
+def write_tokenizer_files(model: nn.Module, directory: Path) -> bool:
+    """Write the subword tokenizer ``model`` carries into ``directory`` (each file atomically); returns
+    whether there was one to write."""
+    files = tokenizer_files(model)
+    for name, content in files.items():
+        atomic_write(directory / name, lambda p, content=content: Path(p).write_text(content))
+    return bool(files)
+
+
+def remove_stale_tokenizer_files(directory: Path) -> None:
+    """Remove the tokenizer files an earlier hierseq save left in ``directory`` (never a user's own)."""
+    for stale in stale_tokenizer_files(directory):
+        stale.unlink()
 
 
 def atomic_write(final: Path, write: Callable[[str], Any]) -> None:
@@ -112,7 +138,8 @@ def _is_hf_config(data: dict[str, Any]) -> bool:
 
 def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model saved in ``directory`` (by :func:`save`, or by ``save_pretrained`` of its
-    :mod:`hierseq.hf` wrapper); weights must match the config exactly: names, shapes and dtypes."""
+    :mod:`hierseq.hf` wrapper); weights must match the config exactly: names, shapes and dtypes. A saved
+    tokenizer comes back as ``model.tokenizer`` (its size must be the config's ``vocab_size``)."""
     directory = Path(directory)
     data = _read_config_json(directory)
     entry, config = _config_from_json(data)
@@ -125,8 +152,11 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.
         raise ValueError(f"{WEIGHTS_NAME}: unreadable or truncated ({e})") from None
     if _is_hf_config(data):
         state = {_strip(k, _HF_WEIGHTS_PREFIX): v for k, v in state.items()}
+    tokenizer = load_saved_tokenizer(directory, config.vocab_size)  # before the model: its errors are cheaper
     model = entry.model_cls(config)
     load_state_exact(model, state, source=str(weights_path))
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
     return model
 
 

@@ -92,8 +92,10 @@ def test_recurrent_step_equals_parallel_path_token_by_token(fields: dict) -> Non
     with torch.no_grad():
         full, full_state, _ = mixer(x, use_cache=True)
         steps, state = run_in_segments(mixer, x, [1] * x.shape[1])
-    torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(state.memory, full_state.memory, rtol=1e-4, atol=1e-5)
+    # 30 fp32 recurrent steps against one parallel pass; circular (FFT) binding rounds differently per
+    # shape, which on AMD EPYC reached 1.5e-5 on one element of 960 (outputs ~0.03).
+    torch.testing.assert_close(steps, full, rtol=1e-4, atol=3e-5)
+    torch.testing.assert_close(state.memory, full_state.memory, rtol=1e-4, atol=3e-5)
     torch.testing.assert_close(state.conv, full_state.conv, rtol=1e-5, atol=1e-6)
 
 

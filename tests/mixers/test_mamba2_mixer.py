@@ -92,7 +92,9 @@ def test_steps_equal_the_full_forward_and_the_state_is_constant(fields: dict) ->
         steps, state = run_in_segments(mixer, x, [1] * 27, on_step=check)
     torch.testing.assert_close(steps, full, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(state.ssm, full_state.ssm, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(state.conv, full_state.conv, rtol=0, atol=0)
+    # The conv window holds input projections, computed by a [B, 1, D] matmul per step and a [B, L, D] one
+    # in the full pass; the CPU's GEMM may round those shapes differently (seen on AMD EPYC), so not atol=0.
+    torch.testing.assert_close(state.conv, full_state.conv, rtol=1e-5, atol=1e-6)
     assert full_state.num_floats() == 2 * mixer.state_size(27)
 
 

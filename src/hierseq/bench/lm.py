@@ -4,7 +4,13 @@ at a matched parameter count (within 10% of the transformer control), for one or
 Reports validation and test bits per byte, training tokens/s and parameter count, as JSON + Markdown,
 and a learning-curve plot (validation bits/byte vs tokens).
 
-Run: ``hierseq bench lm --quick`` (about 10 minutes here), ``--full`` (longer), ``--data PATH``.
+Tokens are bytes by default; ``tokenizer="bpe:4096"`` (``--tokenizer``) trains one byte-level BPE on the
+training split and gives it to every model (``vocab_size`` from the tokenizer, parameters matched with it).
+Bits per byte divide the summed token loss by the UTF-8 bytes of the scored text, so a subword table and a
+byte table compare directly; the tokenizer's tokens per byte are reported next to them.
+
+Run: ``hierseq bench lm --quick`` (about 10 minutes here), ``--full`` (longer), ``--data PATH``,
+``--tokenizer bpe:4096``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..data.tokenizer import BYTES, build_tokenizer, check_tokenizer_spec, tokenize_split
 from .report import check_model_specs, machine_facts, markdown_table, pyplot, write_report
 
 
@@ -96,28 +103,36 @@ def run_lm_bench(
     data: str | None = None,
     seeds: list[int] | None = None,
     progress: bool = True,
+    tokenizer: str = BYTES,
 ) -> dict:
     import hierseq
-    from hierseq.data.corpora import load_corpus
-    from hierseq.training.trainer import TrainConfig, evaluate, train
+    from hierseq.data.corpora import check_data, load_corpus
+    from hierseq.training.tasks.lm import evaluate_split
+    from hierseq.training.trainer import TrainConfig, train
 
     if size not in SIZES:
         raise ValueError(f"size={size!r}: must be one of {sorted(SIZES)}")
-    if data is not None and not Path(data).exists():
-        raise FileNotFoundError(f"data={data!r}: no such file or directory")
+    if data is not None:
+        check_data(data)
+    tokenizer = check_tokenizer_spec(tokenizer)
     spec = SIZES[size]
     specs = check_model_specs(models or hierseq.list_models(kind="causal_lm"), "causal_lm")
     seeds = list(seeds) if seeds else list(spec.seeds)
-    control = {"d_model": spec.d_model, "n_layers": spec.n_layers, "n_heads": CONTROL_HEADS}
-    target = model_params("transformer", control)
     corpus = load_corpus(data, min_split_len=spec.seq_len + 1)
+    # One tokenizer for every run (each run's trainer builds the same one again: BPE training is
+    # deterministic and remembered per process).
+    tok = build_tokenizer(tokenizer, corpus.train)
+    splits = {name: tokenize_split(corpus.split(name), tok) for name in ("train", "val", "test")}
+    vocab = {} if tokenizer == BYTES else {"vocab_size": tok.vocab_size}  # bytes: configs exactly as before
+    control = {"d_model": spec.d_model, "n_layers": spec.n_layers, "n_heads": CONTROL_HEADS, **vocab}
+    target = model_params("transformer", control)
     out = Path(out_dir)
     runs: list[dict] = []
     for label, name, variant in specs:
         if name == "transformer" and not variant:
             over = control
         else:
-            over = matched_overrides(name, target, spec.n_layers, base=variant)
+            over = matched_overrides(name, target, spec.n_layers, base={**variant, **vocab})
         for seed in seeds:
             run_dir = out / f"{label.replace(':', '_').replace('=', '-').replace('+', '_')}-seed{seed}"
             print(f"[bench lm] {label} seed {seed}: {over}")
@@ -125,6 +140,7 @@ def run_lm_bench(
                 model=name,
                 model_config=dict(over),
                 data=data,
+                tokenizer=tokenizer,
                 seq_len=spec.seq_len,
                 batch_size=spec.batch_size,
                 max_steps=spec.steps,
@@ -140,7 +156,7 @@ def run_lm_bench(
             )
             result = train(cfg)
             model = hierseq.load(run_dir / "final")
-            test = evaluate(model, corpus.test, spec.seq_len, spec.batch_size, spec.eval_batches)
+            test = evaluate_split(model, splits["test"], spec.seq_len, spec.batch_size, spec.eval_batches)
             runs.append(
                 {
                     "model": label,
@@ -162,6 +178,9 @@ def run_lm_bench(
         "size": size,
         "spec": spec.__dict__,
         "data": data or "embedded Austen",
+        "tokenizer": tokenizer,
+        "vocab_size": tok.vocab_size,
+        "tokens_per_byte": {name: split.tokens_per_byte for name, split in splits.items()},
         "target_params": target,
         "machine": machine_facts(),
         "runs": runs,
@@ -199,31 +218,33 @@ def _summarise(runs: list[dict], models: list[str]) -> list[dict]:
 
 def _markdown(report: dict) -> str:
     m = report["machine"]
+    subword = report.get("tokenizer", BYTES) != BYTES
     rows = []
     for s in sorted(report["summary"], key=lambda s: statistics.mean(s["test_bpb"])):
         budget = f"{s['tokens']:,}" + ("" if s["all_full_budget"] else " (time cap hit)")
-        rows.append(
-            [
-                s["model"],
-                f"{s['n_params']:,}",
-                s["seeds"],
-                budget,
-                _mean_std(s["val_bpb"]),
-                _mean_std(s["test_bpb"]),
-                f"{s['tokens_per_s']:.0f}",
-            ]
+        row = [s["model"], f"{s['n_params']:,}", s["seeds"], budget, _mean_std(s["val_bpb"]), _mean_std(s["test_bpb"])]
+        if subword:  # the same for every model (one tokenizer), in each row so a table copied alone keeps it
+            row.append(f"{report['tokens_per_byte']['test']:.3f}")
+        rows.append([*row, f"{s['tokens_per_s']:.0f}"])
+    header = ["model", "params", "seeds", "train tokens", "val bits/byte", "test bits/byte"]
+    header += ["test tokens/byte"] if subword else []
+    if subword:
+        per_byte = ", ".join(f"{k} {v:.3f}" for k, v in report["tokens_per_byte"].items())
+        tokens = (
+            f"tokenizer {report['tokenizer']} ({report['vocab_size']:,} tokens; tokens per byte {per_byte}); bits per "
+            "byte = summed token loss / UTF-8 bytes of the scored text"
         )
+    else:
+        tokens = "byte-level"
     return "\n".join(
         [
             f"# LM benchmark ({report['size']})",
             "",
-            f"Data: {report['data']}; byte-level; {report['spec']['steps']} steps x {report['spec']['batch_size']} x "
+            f"Data: {report['data']}; {tokens}; {report['spec']['steps']} steps x {report['spec']['batch_size']} x "
             f"{report['spec']['seq_len']} tokens; models matched to the transformer's {report['target_params']:,} "
             f"parameters (within 10%). {m['date']}, {m['device']}, torch {m['torch']}, {m['threads']} threads.",
             "",
-            markdown_table(
-                ["model", "params", "seeds", "train tokens", "val bits/byte", "test bits/byte", "train tokens/s"], rows
-            ),
+            markdown_table([*header, "train tokens/s"], rows),
             "",
             "Learning curves: `lm_curves.png`.",
         ]

@@ -6,21 +6,26 @@
   by file (about 5% of the files each, at least one, to val and test: the last files in sorted order),
   otherwise the files are joined and split by position, so a folder of 2 or 3 files trains on all of
   them rather than on one. ``Corpus.description`` says which files went where (the trainer logs it).
+- ``load_corpus("hf:<dataset>[:<config>][@<split>]")``: a Hugging Face dataset, hub or local
+  parquet / json / text files, through ``datasets`` (the optional ``data`` extra; :mod:`.hf_datasets`).
 - ``~`` is expanded; anything but a regular file or a folder (``/dev/zero``, a FIFO) is refused.
 
-Text is kept as raw UTF-8 bytes (``torch.uint8``); the byte tokenizer is the identity on them.
+Text is kept as raw UTF-8 bytes (``torch.uint8``); the byte tokenizer is the identity on them, other
+tokenizers encode them (:func:`hierseq.data.tokenizer.tokenize_split`).
 """
 
 from __future__ import annotations
 
 import functools
 import gzip
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..config import config_error
+from .hf_datasets import canonical_hf_data, is_hf_data, load_hf_text, parse_hf_data
 
 #: The embedded corpus split, by novel (file stem in ``data/corpora/``).
 SPLIT: dict[str, list[str]] = {
@@ -112,7 +117,7 @@ def _embedded_corpus() -> Corpus:
 
 
 def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpus:
-    """Load a corpus: ``None`` = embedded Austen; a text file; or a folder of text files.
+    """Load a corpus: ``None`` = embedded Austen; a text file; a folder of text files; or an ``hf:`` dataset.
 
     Every split must hold at least ``min_split_len`` bytes (the trainer passes ``seq_len + 1``, one
     training window); otherwise a ``ValueError`` names the path, the split and the rule.
@@ -122,6 +127,8 @@ def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpu
         raise ValueError(f"min_split_len={min_split_len!r}: must be a positive integer")
     if path is None:
         corpus = _embedded_corpus()
+    elif is_hf_data(path):
+        corpus = _load_hf(str(path))
     else:
         p = check_data_path(path)
         corpus = _load_folder(p) if p.is_dir() else _load_file(p)
@@ -132,6 +139,30 @@ def load_corpus(path: str | Path | None = None, min_split_len: int = 2) -> Corpu
                 f"(one window of seq_len + 1); {corpus.description}. Use more text or a shorter seq_len."
             )
     return corpus
+
+
+def canonical_data(data: str | None) -> str | None:
+    """``data`` as a run records it: None (the embedded corpus); an ``hf:`` spec with a local path made
+    absolute (:func:`~hierseq.data.hf_datasets.canonical_hf_data`); else the absolute path with ``~``
+    expanded and symlinks resolved. Two spellings of one file (``./x.txt``, ``x.txt``, ``~/x.txt``) give the
+    same string, and the same relative path typed in another directory does not."""
+    if data is None:
+        return None
+    if is_hf_data(data):
+        return canonical_hf_data(data)
+    return str(Path(os.path.expanduser(data)).resolve())
+
+
+def data_exists(data: str) -> bool:
+    """Whether a recorded data source is still there: a file or folder, or an ``hf:`` spec whose local path
+    exists (a hub dataset is taken to be there; reading it says otherwise)."""
+    if is_hf_data(data):
+        try:
+            parse_hf_data(data)
+        except FileNotFoundError:
+            return False
+        return True
+    return Path(data).exists()
 
 
 def check_data_path(path: str | Path, name: str = "data") -> Path:
@@ -145,7 +176,28 @@ def check_data_path(path: str | Path, name: str = "data") -> Path:
     return p
 
 
-def _split_by_position(data: bytes) -> tuple[bytes, bytes, bytes]:
+def check_data(data: str, name: str = "data") -> str:
+    """A data source given on the command line, checked and as a run records it (:func:`canonical_data`): an
+    ``hf:`` spec (its local path must exist), or a file or folder (:func:`check_data_path`)."""
+    if is_hf_data(data):
+        return parse_hf_data(data, name).spec()
+    return str(check_data_path(data, name))
+
+
+def _load_hf(spec: str) -> Corpus:
+    texts, description = load_hf_text(spec)
+    if "val" not in texts:
+        texts["train"], texts["val"], texts["test"] = split_by_position(texts["train"])
+    return Corpus(
+        name=spec,
+        train=_to_tensor(texts["train"]),
+        val=_to_tensor(texts["val"]),
+        test=_to_tensor(texts["test"]),
+        description=f"{description} ({sum(len(t) for t in texts.values()):,} bytes)",
+    )
+
+
+def split_by_position(data: bytes) -> tuple[bytes, bytes, bytes]:
     """Contiguous 90 / 5 / 5 split of ``data`` (val and test at the end, as held-out continuations)."""
     n = len(data)
     n_train = int(n * POSITION_FRACTIONS[0])
@@ -157,7 +209,7 @@ def _load_file(path: Path) -> Corpus:
     data = path.read_bytes()
     if not data:
         raise ValueError(f"data={str(path)!r}: the file is empty")
-    train, val, test = _split_by_position(data)
+    train, val, test = split_by_position(data)
     return Corpus(
         name=str(path),
         train=_to_tensor(train),
@@ -183,7 +235,7 @@ def _load_folder(folder: Path) -> Corpus:
     rel = [f.relative_to(folder).as_posix() for f in files]
     if len(files) < MIN_FILES_FOR_FILE_SPLIT:
         data = SEPARATOR.join(f.read_bytes() for f in files)
-        train, val, test = _split_by_position(data)
+        train, val, test = split_by_position(data)
         description = (
             f"folder {str(folder)!r}: {len(files)} text file(s) {rel} ({len(data)} bytes) joined and split by "
             f"position 90/5/5 (contiguous), since fewer than {MIN_FILES_FOR_FILE_SPLIT} files are not split by file"

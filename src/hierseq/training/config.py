@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from ..config import config_error
+from ..data.tokenizer import BYTES, check_tokenizer_spec
 from ..registry import build_config, get_entry
 from .run_dir import canonical_data
 from .tasks import DEFAULT_TASKS, TASKS, task_class
@@ -27,7 +28,10 @@ class TrainConfig:
     task: str | None = None  # "lm" | "mqar" | "masked_bytes" | "masked_signal" | "regression"; null = kind's default
     task_options: dict = field(default_factory=dict)
     data: str | None = None  # text tasks: None = embedded Austen; else a text file or folder (~ expanded,
-    # recorded as an absolute path: the run's record of its corpus, see run_dir.canonical_data)
+    # recorded as an absolute path: the run's record of its corpus, see run_dir.canonical_data), or a
+    # Hugging Face dataset "hf:<dataset>[:<config>][@<split>]" (hub or local files; extra "data")
+    tokenizer: str = "bytes"  # lm task: "bytes" | "bpe:<vocab_size>" (trained on the train split) |
+    # "hf:<tokenizer.json, folder or hub name>"; sets the model's vocab_size and is saved with the model
     seq_len: int = 256
     batch_size: int = 16  # GLOBAL sequences per optimiser step (split over DDP ranks and micro-steps)
     grad_accum: int = 1
@@ -126,6 +130,9 @@ class TrainConfig:
             raise config_error("device", self.device, "must be one of ['auto', 'cpu', 'cuda']")
         if not task.reads_text and self.data is not None:
             raise config_error("data", self.data, f"the {self.task} task reads no text corpus (see its task_options)")
+        self.tokenizer = check_tokenizer_spec(self.tokenizer)
+        if self.task != "lm" and self.tokenizer != BYTES:
+            raise config_error("tokenizer", self.tokenizer, f"is an lm task field; the {self.task} task has none")
         if self.task != "lm":
             for name, default in (("loader", "random"), ("tbptt", False)):
                 if getattr(self, name) != default:

@@ -6,9 +6,10 @@ This module is the one place that
 * decides what happens to an ``out_dir`` that already holds a run (:func:`prepare_out_dir`, checked before
   anything is written: continue it with ``resume``, replace it with ``overwrite``, or refuse);
 * checks that ``out_dir`` can be written at all (:func:`check_out_dir`: not a file, not read-only);
-* records the data source of a run (:func:`canonical_data`: ``data`` as an absolute, tilde-expanded path,
-  so ``train_config.yaml`` names the corpus whatever the working directory) and checks it on resume and
-  in ``hierseq eval`` (:func:`same_data`, :func:`recorded_run`).
+* records the data source of a run (:func:`~hierseq.data.corpora.canonical_data`: ``data`` as an absolute,
+  tilde-expanded path, or an ``hf:`` spec whose local path is, so ``train_config.yaml`` names the corpus
+  whatever the working directory) and checks it on resume and in ``hierseq eval`` (:func:`same_data`,
+  :func:`recorded_run`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..config import config_error
+from ..data.corpora import canonical_data
 
 #: Files and folders the trainer writes into ``out_dir``: together they are "a run".
 RUN_FILES = (
@@ -39,15 +41,6 @@ TRAIN_CONFIG_NAME = "train_config.yaml"
 
 
 # ----------------------------------------------------------------------------------------------- data
-def canonical_data(data: str | None) -> str | None:
-    """``data`` as the run records it: None (the embedded corpus), or the absolute path with ``~``
-    expanded and symlinks resolved. Two spellings of one file (``./x.txt``, ``x.txt``, ``~/x.txt``)
-    give the same string, and the same relative path typed in another directory does not."""
-    if data is None:
-        return None
-    return str(Path(os.path.expanduser(data)).resolve())
-
-
 def same_data(saved: str | None, current: str | None) -> bool:
     """Whether a checkpoint's recorded ``data`` and the current run's name the same corpus. Runs recorded
     before paths were made absolute hold the string as typed: it is resolved from the working directory,

@@ -53,7 +53,7 @@ from .tasks.lm import evaluate
 __all__ = ["TrainConfig", "build_optimizer", "build_scheduler", "evaluate", "lr_factor", "train"]
 
 # Fields whose change would make a resumed run a different experiment (other data, shapes or model).
-RESUME_MUST_MATCH = ("model", "task", "seq_len", "batch_size", "loader", "seed", "data")
+RESUME_MUST_MATCH = ("model", "task", "seq_len", "batch_size", "loader", "seed", "data", "tokenizer")
 # Fields a resume may change without it being news (how the run is watched, not what it does).
 RESUME_QUIET = ("resume", "progress", "device", "out_dir", "model_config", "task_options")
 
@@ -166,7 +166,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] | None = _print, overwrit
     """Train ``cfg.model`` on ``cfg.task``; returns ``{"out_dir", "task", "step", "val", "val_loss",
     "val_<metric>" for every validation metric, "test" (the test metrics, or None), "tokens_per_s",
     "n_params", "stopped_reason", "tokens", "train_loss", "elapsed_s"}`` (+ ``"best_step"`` with
-    ``keep_best``). ``tokens`` counts sequence positions (bytes, MQAR tokens, signal steps).
+    ``keep_best``). ``tokens`` counts sequence positions (bytes or subword tokens, MQAR tokens, signal
+    steps).
 
     Everything is validated (config, ``out_dir``, data, model, the checkpoint to resume) before anything
     is written. An ``out_dir`` that already holds a run is continued with ``cfg.resume``; otherwise it is
@@ -228,11 +229,19 @@ class _Trainer:
         check_out_dir(self.out_dir)
         resume_from = find_checkpoint(self.out_dir) if cfg.resume else None
         replaced = prepare_out_dir(self.out_dir, cfg.resume, resume_from is not None, self.overwrite)
-        self.task.setup(env.rank, env.world_size, env.device)  # data: its errors come before any model
+        resume_state = None
+        if resume_from is not None:  # a resume that cannot match fails before any data is read
+            resume_state = load_trainer_state(resume_from)
+            self._check_resume_config(resume_state, resume_from)
+        # Data (and its tokenizer; a resumed run's from its checkpoint): its errors come before any model.
+        self.task.resume_from = resume_from
+        self.task.setup(env.rank, env.world_size, env.device)
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-        self.model = build_model(cfg.model, **cfg.model_overrides()).to(env.device)
+        overrides = {**cfg.model_overrides(), **self.task.data_model_config()}
+        self.model = build_model(cfg.model, **overrides).to(env.device)
         self.task.check_model(self.model)
+        self.task.prepare_model(self.model)
         self.model.train()
         self.n_params = count_parameters(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -248,7 +257,7 @@ class _Trainer:
         if cfg.resume and resume_from is None:
             self.log(f"resume: no checkpoint in {str(self.out_dir)!r}; starting from scratch")
         if resume_from is not None:
-            self._restore(resume_from)
+            self._restore(resume_from, resume_state)
             self.resumed = True
 
         self.ddp_model: nn.Module = self.model
@@ -280,10 +289,11 @@ class _Trainer:
         text = "".join(lines) + self.cfg.to_yaml()
         atomic_write(self.out_dir / TRAIN_CONFIG_NAME, lambda p: Path(p).write_text(text))
 
-    def _restore(self, directory: Path) -> None:
-        cfg, env = self.cfg, self.env
-        state = load_trainer_state(directory)
-        saved = {"task": "lm", "task_options": {}, **state["train_config"]}  # checkpoints before tasks: lm
+    def _check_resume_config(self, state: dict[str, Any], directory: Path) -> None:
+        """Refuse to resume a checkpoint of another experiment: the fields of :data:`RESUME_MUST_MATCH` and the
+        task options must be the checkpoint's."""
+        cfg = self.cfg
+        saved = self._saved_config(state)
         for key in RESUME_MUST_MATCH:
             # Data: the same corpus, compared as resolved paths (see run_dir.same_data).
             same = same_data(saved.get(key), cfg.data) if key == "data" else saved.get(key) == getattr(cfg, key)
@@ -293,14 +303,27 @@ class _Trainer:
                     f"{str(directory)!r}; use the same value, or start a new run (another --out, or --overwrite)"
                 )
         task = type(self.task)
-        saved_opts = resolve_options(task.name, task.options, saved["task_options"])
-        if saved_opts != self.task.opts:
+        if resolve_options(task.name, task.options, saved["task_options"]) != self.task.opts:
             raise ValueError(
                 f"resume: task_options={cfg.task_options!r} differ from the checkpoint's {saved['task_options']!r} "
                 f"in {str(directory)!r}; use the same options or a new out_dir"
             )
+
+    @staticmethod
+    def _saved_config(state: dict[str, Any]) -> dict[str, Any]:
+        """A checkpoint's TrainConfig, with the defaults of fields older checkpoints lack (they trained lm
+        tasks on bytes)."""
+        return {"task": "lm", "task_options": {}, "tokenizer": "bytes", **state["train_config"]}
+
+    def _restore(self, directory: Path, state: dict[str, Any]) -> None:
+        cfg, env = self.cfg, self.env
+        saved = self._saved_config(state)
+        task = type(self.task)
+        saved_opts = resolve_options(task.name, task.options, saved["task_options"])
         implied = task.implied_model_config(cfg, saved_opts)
-        saved_model = build_config(saved["model"], **{**implied, **saved["model_config"]}).to_dict()
+        # The data's fields (a tokenizer's vocab_size) are the checkpoint's too: the tokenizer was read from it.
+        saved_overrides = {**implied, **saved["model_config"], **self.task.data_model_config()}
+        saved_model = build_config(saved["model"], **saved_overrides).to_dict()
         if saved_model != self.model.config.to_dict():
             raise ValueError(
                 f"resume: model_config={cfg.model_config!r} builds a different model than the checkpoint's "

@@ -11,7 +11,11 @@ stop. A :class:`Task` owns what differs between model kinds:
   :meth:`Task.check_model_config` refuses a model config the task cannot train;
 * :meth:`Task.setup`: data and the training batch source (``task.source``, a :class:`BatchSource`
   whose ``state_dict`` goes into every checkpoint, so a resumed run draws the batches the uninterrupted
-  one would have);
+  one would have); a resumed run's checkpoint folder is ``task.resume_from`` (the lm task reads its saved
+  tokenizer there);
+* :meth:`Task.data_model_config`: the model-config fields the loaded data fixes (the lm task's tokenizer
+  sets ``vocab_size``), applied over everything else; :meth:`Task.prepare_model` gives the built model what
+  it carries (its tokenizer, saved with it);
 * :meth:`Task.next_batch` / :meth:`Task.forward`: one global batch (this rank's rows), and the loss of
   one micro-batch of it as a :class:`StepLoss` (the loss to back-propagate and the named parts in
   :attr:`Task.loss_parts`);
@@ -24,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
@@ -155,6 +160,8 @@ class Task:
         self.source: BatchSource | None = None
         self.description = self.name  # what the run trains on, for the log
         self.details: str | None = None  # a longer account of the data (which files, which split), logged
+        #: the checkpoint folder a resumed run continues (set by the loop before setup; None: a new run).
+        self.resume_from: Path | None = None
 
     # ------------------------------------------------------------------ config time (no data loaded)
     @classmethod
@@ -176,8 +183,15 @@ class Task:
         """Load the data, build the evaluation sets and ``self.source`` (this rank's batches)."""
         raise NotImplementedError
 
+    def data_model_config(self) -> dict[str, Any]:
+        """Model-config fields the data loaded by :meth:`setup` fixes (applied over every other override)."""
+        return {}
+
     def check_model(self, model: nn.Module) -> None:
         """Refuse a built model the task cannot train (before step 1)."""
+
+    def prepare_model(self, model: nn.Module) -> None:
+        """Give the built model what it carries from the data (before step 1; the lm task: its tokenizer)."""
 
     def next_batch(self) -> Batch:
         """This rank's rows of the next global batch, a tuple of CPU tensors with the rows first."""
