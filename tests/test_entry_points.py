@@ -241,6 +241,11 @@ CASES = [
     ("hierseq", ["bench", "speed", "--repeats", "0", "--out", "{new}"], "repeats=0"),
     ("hierseq", ["bench", "recall", "--steps", "0", "--out", "{new}"], "steps=0"),
     ("hierseq", ["bench", "signals", "--tasks", "nope", "--out", "{new}"], "tasks='nope'"),
+    (
+        "hierseq",
+        ["bench", "signals", "--long", "--tasks", "imu_integration", "--out", "{new}"],
+        "tasks='imu_integration'",
+    ),
     ("hierseq", ["bench", "recon", "--tasks", "nope", "--out", "{new}"], "tasks=['nope']"),
     ("hierseq", ["bench", "lm", "--data", "/no/such.txt", "--out", "{new}"], "data='/no/such.txt'"),
     ("hierseq", ["bench", "lm", "--tokenizer", "bpe:4k", "--out", "{new}"], "tokenizer='bpe:4k': bpe:<vocab_size>"),

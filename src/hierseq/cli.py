@@ -416,6 +416,8 @@ def cmd_bench_recall(args: argparse.Namespace) -> int:
 def cmd_bench_signals(args: argparse.Namespace) -> int:
     from hierseq.bench.signals import run_signals_bench
 
+    if args.long:
+        return _bench_long_signals(args)
     run_signals_bench(
         out_dir=args.out,
         quick=args.quick,
@@ -423,6 +425,28 @@ def cmd_bench_signals(args: argparse.Namespace) -> int:
         tasks=_split_list(args.tasks),
         models=_split_list(args.models),
         threads=args.threads,
+    )
+    return 0
+
+
+def _bench_long_signals(args: argparse.Namespace) -> int:
+    from hierseq.bench.signals_long import run_long_signals_bench
+
+    out = "runs/bench/signals_long" if args.out == "runs/bench/signals" else args.out
+    options = [("--seeds", args.seeds), ("--tasks", args.tasks), ("--models", args.models), ("--threads", args.threads)]
+    command = " ".join(
+        ["hierseq bench signals --long", *(["--quick"] if args.quick else [])]
+        + [f"{flag} {value}" for flag, value in options if value is not None]
+        + ([f"--out {out}"] if out != "runs/bench/signals_long" else [])
+    )
+    run_long_signals_bench(
+        out_dir=out,
+        quick=args.quick,
+        seeds=_split_list(args.seeds, int) or (0, 1, 2),
+        tasks=_split_list(args.tasks),
+        models=_split_list(args.models),
+        threads=args.threads,
+        command=command,
     )
     return 0
 
@@ -629,6 +653,12 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = bench_sub.add_parser("signals", help="HiSS vs flat models on synthetic sensor tasks (MSE)")
     p.add_argument("--quick", action="store_true", help="smoke size: seconds, numbers meaningless")
+    p.add_argument(
+        "--long",
+        action="store_true",
+        help="the long, high-rate tasks (imu9_odometry, tactile_drift; 2,000-step sequences at 100 Hz), equal "
+        "steps and equal wall-clock, with cost per 1k steps (default out: runs/bench/signals_long)",
+    )
     _list_options(p, seeds="seeds (default 0,1,2)", tasks="tasks (default: all)", models="model kinds (default: all)")
     _threads_and_out(p, "runs/bench/signals", cmd_bench_signals)
 

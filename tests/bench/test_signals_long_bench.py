@@ -31,7 +31,8 @@ def test_quick_run_writes_both_budgets_costs_and_verdicts(tmp_path: Path) -> Non
     # Every model is scored on the same targets: its chunk size is its own, the labelled steps are shared.
     assert {r["overrides"]["chunk_size"] for r in runs if r["model"] == "hiss_c10"} == {10}
     assert {r["overrides"]["chunk_size"] for r in runs if r["model"] == "mamba"} == {50}
-    assert "equal steps" in report["verdicts"]["tactile_drift"] and "equal time" in report["verdicts"]["tactile_drift"]
+    verdict = report["verdicts"]["tactile_drift"]
+    assert "equal steps" in verdict and "equal time" in verdict and "its training cost" in verdict
     assert [r["model"] for r in report["cost"]["rows"]] == models
     assert all(len(r["stream_ms_per_push"]) >= 2 for r in report["cost"]["rows"])
     assert all(report["train_cost"][m]["train_ms_per_1k"] > 0 for m in models)

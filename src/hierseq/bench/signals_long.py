@@ -166,9 +166,11 @@ def _budget_rows(runs: list[dict[str, Any]], budget: str) -> list[dict[str, Any]
     return summarise(picked, hierarchical=is_long_hierarchical, order=_order)
 
 
-def long_verdicts(rows_by_budget: dict[str, list[dict[str, Any]]]) -> dict[str, str]:
-    """task -> for each budget, the best HiSS variant against the best flat model, and whether that is the
-    paper's >= 23% lower MSE."""
+def long_verdicts(
+    rows_by_budget: dict[str, list[dict[str, Any]]], train_cost: dict[str, dict[str, float]]
+) -> dict[str, str]:
+    """task -> for each budget, the best HiSS variant against the best flat model, whether that is the
+    paper's >= 23% lower MSE, and their training-cost ratio (ms per 1k input steps)."""
     out: dict[str, list[str]] = {}
     for budget, rows in rows_by_budget.items():
         for task in dict.fromkeys(r["task"] for r in rows):
@@ -178,14 +180,18 @@ def long_verdicts(rows_by_budget: dict[str, list[dict[str, Any]]]) -> dict[str, 
             change = first["hiss_vs_best_flat"]
             best_flat = next(r for r in rows if r["task"] == task and r["model"] == first["best_flat"])
             reproduced = "reproduced" if change <= PAPER_CLAIM else "not reproduced"
+            hiss_cost, flat_cost = (
+                train_cost.get(first[k], {}).get("train_ms_per_1k") for k in ("best_hiss", "best_flat")
+            )
+            ratio = f", at {hiss_cost / flat_cost:.2f}x its training cost" if hiss_cost and flat_cost else ""
             out.setdefault(task, []).append(
                 f"equal {budget}: best HiSS ({first['best_hiss']}) {change * 100:+.1f}% MSE against the best flat "
-                f"model ({first['best_flat']}, {best_flat['test_mse_mean']:.4f}): **{reproduced}**"
+                f"model ({first['best_flat']}, {best_flat['test_mse_mean']:.4f}){ratio}: **{reproduced}**"
             )
     return {task: "; ".join(parts) + "." for task, parts in out.items()}
 
 
-def _cost_by_model(costs: dict[str, list[dict[str, Any]]], runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def _cost_by_model(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     """model -> training ms per 1k input steps (equal-steps runs, mean over tasks and seeds)."""
     out: dict[str, list[float]] = {}
     for r in runs:
@@ -381,11 +387,12 @@ def run_long_signals_bench(
         "load_after": os.getloadavg()[0],
         "seconds": time.perf_counter() - start,
     }
+    train_cost = _cost_by_model(runs)
     report = {
         "meta": meta,
         "rows": rows,
-        "verdicts": long_verdicts(rows),
-        "train_cost": _cost_by_model(cost, runs),
+        "verdicts": long_verdicts(rows, train_cost),
+        "train_cost": train_cost,
         "cost": cost,
         "runs": runs,
     }
