@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 import hierseq
-from hierseq.bench.recon import run_recon_bench
+from hierseq.bench.recon import model_configs, run_recon_bench
 from hierseq.training.metrics import read_metrics
 
 
 def test_recon_bench_trains_both_models_through_the_loop(tmp_path) -> None:
-    report = run_recon_bench(out_dir=str(tmp_path), steps=5, skip_speed=True, tasks=["signal"], log=lambda m: None)
+    report = run_recon_bench(
+        out_dir=str(tmp_path),
+        steps=5,
+        skip_speed=True,
+        tasks=["signal"],
+        variants=["hama", "flat_mae"],
+        log=lambda m: None,
+    )
     saved = json.loads((tmp_path / "recon.json").read_text())
     assert set(saved["quality"]) == {"hama", "flat_mae"} and saved["speed"] == {}
     for label in ("hama", "flat_mae"):
@@ -25,4 +34,28 @@ def test_recon_bench_trains_both_models_through_the_loop(tmp_path) -> None:
         )
     hama = report["quality"]["hama"]["signal"]["mean"]
     assert {"random_mask_masked_mse", "random_mask_mse_ratio"} <= set(hama)  # learned masks vs random ones
+    assert 0.0 <= hama["probe_busy_share_of_hidden"] <= 1.0
     assert "| hama |" in (tmp_path / "recon.md").read_text()
+
+
+def test_recon_variants_mask_75_percent_and_match_parameters() -> None:
+    configs = model_configs(64, 4)
+    params = run_params(configs)
+    for size in ("", "_small"):
+        hama, flat = params[f"hama{size}"], params[f"flat_mae{size}"]
+        assert abs(hama - flat) / hama < 0.1, (size, hama, flat)  # equal parameters, within a width step
+    for name, cfg in configs.values():
+        model = hierseq.build_model(name, **cfg)
+        if name == "hama":
+            assert model.config.layer_plan()[0][2] == 12  # 12 of every 16 tokens hidden at layer 0
+        else:
+            assert model.config.n_masked(128) == 96
+    with pytest.raises(ValueError, match="variants="):
+        run_recon_bench(variants=["nope"], log=lambda m: None)
+
+
+def run_params(configs: dict) -> dict[str, int]:
+    return {
+        label: hierseq.count_parameters(hierseq.build_model(name, input_type="continuous", d_input=8, **cfg))
+        for label, (name, cfg) in configs.items()
+    }

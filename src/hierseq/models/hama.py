@@ -1,38 +1,52 @@
-"""HAMA: a hierarchical masked autoencoder built from parallel window autoencoders.
+"""HAMA: a hierarchical masked autoencoder built from parallel node autoencoders.
 
 Seed ``000_dba8f4646a0b80aa`` (see ``specs/hama.md``) describes a stack of layers; in each layer the
-sequence is split ("fission") into node windows, every node is a small transformer autoencoder that
-hides its least important tokens, and the node outputs are recombined ("fusion"). Its code could not
-reconstruct anything (identical output at every position), masked after encoding with a fixed
-heuristic and hid an O(L^2) cost. This module keeps the seed's public API, configuration routes and
-encode/decode length arithmetic, and makes each part do what its name says:
+sequence is split ("fission") between several parallel nodes, every node is a small transformer
+autoencoder that hides some of its tokens ("learned, adaptive masking"), and the node outputs are
+recombined by attention ("fusion"); higher layers have fewer nodes and longer partitions. This module
+keeps the seed's public API, configuration routes and encode/decode length arithmetic, and makes each
+part do what its name says. Per hierarchy layer i (N_i nodes, partition length P_i, n_mask_i):
 
-* **Fission** (:class:`FissionModule`) cuts the layer input [B, L_i, D] into W_i = ceil(L_i / P_i)
-  contiguous windows of partition length P_i (the last one padded), adds the sinusoidal position of
-  every token inside its window and the embedding of the node that owns the window (window w belongs
-  to node w mod N_i). All windows of all nodes go through the node autoencoder as one batch.
-* **Masking before the encoder** (:class:`BabyAutoencoder`): an importance scorer rates every token;
-  the n_mask_i lowest-rated tokens of each window are dropped *before* the encoder (MAE style), so the
-  encoder never sees them. The scorer learns through a straight-through gate on the kept tokens, with
-  Gumbel noise while training (Gumbel top-k); ``mask_strategy="random"`` masks uniformly instead.
-  n_mask_i per layer is the masking schedule ("progressive" masking).
-* **Fusion** (:class:`FusionModule`): on the way down, every position of a window is queried by a
-  learned mask token plus its position (Perceiver-IO style output queries); the decoder attends from
-  these queries to the window's latents, so each output position gets its own reconstruction.
+* **Segments and windows** (:class:`WindowGeometry`). The layer input [B, L, D] is cut into W
+  contiguous *segments* that partition it; segment w is owned by node ``w mod N`` and read through a
+  *window* of P positions containing it. Rule: if N * P <= L, the segments are the windows
+  w*P .. w*P + P - 1 (W = ceil(L / P), the last one padded), so every node serves every N-th window.
+  If N * P > L (the seed's fission gives every node P tokens, N * P in all), there are
+  W = max(1, min(N, floor(L / (n_mask + 1)))) segments of near-equal length (floor / ceil of L / W),
+  one per node, each read through the window
+  of min(P, L) positions centred on it (clamped to the sequence): windows overlap, and a node sees its
+  neighbours' visible tokens as context. Every segment of s tokens hides min(n_mask, s - 1) of them.
+* **Nodes** (:mod:`hierseq.models.hama_nodes`). Every node has its own encoder and decoder weights
+  (``share_nodes=True``: one set for all, told apart by a node embedding); all windows of all nodes
+  run in one batched call per projection (:func:`hierseq.ops.node_linear.node_linear`).
+* **Masking before the encoder** (:mod:`hierseq.models.hama_masking`). A scorer defines a categorical
+  distribution over the tokens of every segment; the hidden set is sampled from it while training
+  (Gumbel top-k) and its top-k in eval; the decision learns by REINFORCE on the reconstruction error
+  (AdaMAE style), passed to the loss as ``aux_loss``. ``mask_strategy="random"`` masks uniformly.
+  The encoder sees only the visible tokens of its window. ``mask_ratio`` sets layer 0's count to the
+  MAE-style fraction of P_0 (50-75%); n_mask_i of higher layers drops latents (compression).
+* **Fusion across windows** (:class:`FusionModule`). After the node encoders, ``fusion_tokens`` global
+  tokens read a summary (mean latent + window position) of every window by attention, and every latent
+  reads the global tokens back (Perceiver / Set-Transformer "induced points"): each latent then depends
+  on every visible input of the layer, at cost O(W * G + L * G), linear in L. On the way down, each
+  segment's decoder reads the latents of its ``decoder_context`` neighbouring segments on either side
+  as well as its own, and positional output queries (mask token + position in the segment) give one
+  reconstruction per position (Perceiver-IO style).
 
-Length arithmetic (the seed's): encoding layer i keeps P_i - n_mask_i tokens of every full window, so
-the sequence shortens by W_i * n_mask_i; decoding restores it. With the README configuration
-(nodes 8/4/2, partitions 64/128/256, n_mask 4, L = 512 = 8 * 64) W_i equals the node count, so the
-lengths are 512 -> 480 -> 464 -> 456 exactly as in the seed. A window that is only partly filled
-(the last one, when P_i does not divide L_i) drops min(n_mask_i, r - 1) of its r tokens, so any
-length >= 1 works.
+Length arithmetic (the seed's): encoding layer i keeps max(s - n_mask_i, 1) tokens of every segment of
+s tokens. With the README configuration (nodes 8/4/2, partitions 64/128/256, n_mask 4, L = 512) layer
+0 has 8 windows of 64 and layers 1, 2 are in the overlapping regime (4 * 128 > 480, 2 * 256 > 464) with
+4 and 2 segments, so the lengths are 512 -> 480 -> 464 -> 456 exactly as in the seed (L - N_i * m_i).
+Any length >= 1 works.
 
-Cost: every layer runs attention inside windows of P_i (encoder) and P_i + (P_i - n_mask_i)
-(decoder) tokens, so time and memory grow linearly in L for fixed partition lengths.
+Cost: encoders run on P_i - n_mask_i (at most) slots per window, decoders on (2c + 1) K + S slots per
+segment (K kept latents, S positions), fusion on G global tokens: linear in L for fixed P_i.
 
-Design choice: the nodes of a layer share the autoencoder weights and differ by a learned node
-embedding. N_i separate autoencoders would multiply the parameters by N_i with nothing in the seed to
-show it helps, and sharing is what lets every window go through one batched call.
+Deviations from the seed: fission partitions by position instead of input-independent learned queries
+(which cost N * P * L scores, i.e. L^2 for the README configuration); masking happens before the
+encoder with a mask token at decode (MAE) rather than zeroing the lowest-norm latents after it;
+higher-layer masking (compression) learns by the cooperative reward (drop what is cheapest to
+reconstruct) while layer 0 uses ``mask_reward``.
 """
 
 from __future__ import annotations
@@ -49,18 +63,25 @@ from torch import nn
 
 from ..config import (
     MaskedAEConfig,
+    check_bool,
     check_choice,
+    check_nonneg_float,
+    check_nonneg_int,
     check_positive_float,
     check_positive_int,
     config_error,
 )
 from ..losses import masked_reconstruction_loss
-from ..modules.encoder import Encoder, make_input_embedding
+from ..modules.encoder import make_input_embedding
+from ..modules.mlp import GELUMLP
 from ..modules.norms import make_norm
-from ..modules.positional import SinusoidalPositionalEncoding
+from ..modules.positional import SinusoidalPositionalEncoding, sinusoidal_table
+from ..ops.node_linear import node_of_window
 from ..outputs import MaskedAEOutput
 from ..registry import register
 from ..validation import check_features
+from .hama_masking import MASK_REWARDS, MASK_STRATEGIES, TokenMasker, reinforce_loss
+from .hama_nodes import NodeTransformer
 
 # Defaults of the scaling-factor route, used for every factor the caller leaves out.
 SCALING_DEFAULTS: dict[str, float] = {
@@ -80,7 +101,8 @@ LIST_FIELDS = ("nodes_per_layer", "partition_lengths", "n_masks")
 class HAMAConfig(MaskedAEConfig):
     """HAMA configuration. The hierarchy is given by *either* the scaling factors (layer i gets
     ``max(1, floor(initial * factor**i))`` nodes / partition length / masked tokens) *or* the three
-    explicit per-layer lists, never both; unset scaling fields take :data:`SCALING_DEFAULTS`."""
+    explicit per-layer lists, never both; unset scaling fields take :data:`SCALING_DEFAULTS`.
+    ``mask_ratio`` (optional) replaces layer 0's n_mask by round(mask_ratio * P_0)."""
 
     n_layers: int = 2  # hierarchy layers (seed: num_layers)
     transformer_layers: int = 2  # encoder and decoder depth of every node autoencoder
@@ -93,8 +115,13 @@ class HAMAConfig(MaskedAEConfig):
     nodes_per_layer: tuple[int, ...] | None = None
     partition_lengths: tuple[int, ...] | None = None
     n_masks: tuple[int, ...] | None = None
-    mask_strategy: str = "learned"  # "learned" (scored, Gumbel top-k, straight-through) or "random"
-    gumbel_scale: float = 1.0  # scale of the Gumbel noise added to the scores while training (learned)
+    mask_ratio: float | None = None  # layer 0 hides round(mask_ratio * P_0) of every window
+    mask_strategy: str = "learned"  # "learned" (categorical policy, REINFORCE) or "random"
+    mask_reward: str = "adversarial"  # layer 0's policy: hide hard tokens (AdaMAE) or "cooperative"
+    mask_loss_weight: float = 1.0  # weight of the REINFORCE term in the loss
+    share_nodes: bool = False  # one set of node weights for all nodes of a layer
+    fusion_tokens: int = 8  # global tokens of the cross-window fusion (0 = no fusion)
+    decoder_context: int = 1  # neighbouring segments on either side each decoder reads
 
     def __post_init__(self) -> None:
         # JSON / YAML give lists; keep tuples so configs compare equal after a round trip.
@@ -114,16 +141,22 @@ class HAMAConfig(MaskedAEConfig):
             "nodes_per_layer": (4, 2),
             "partition_lengths": (8, 16),
             "n_masks": (2, 2),
+            "fusion_tokens": 4,
         }
 
     def validate(self) -> None:
         super().validate()
         check_positive_int("transformer_layers", self.transformer_layers)
-        check_choice("mask_strategy", self.mask_strategy, ("learned", "random"))
-        if isinstance(self.gumbel_scale, bool) or not isinstance(self.gumbel_scale, (int, float)):
-            raise config_error("gumbel_scale", self.gumbel_scale, "must be a number >= 0")
-        if self.gumbel_scale < 0:
-            raise config_error("gumbel_scale", self.gumbel_scale, "must be a number >= 0")
+        check_choice("mask_strategy", self.mask_strategy, MASK_STRATEGIES)
+        check_choice("mask_reward", self.mask_reward, MASK_REWARDS)
+        check_nonneg_float("mask_loss_weight", self.mask_loss_weight)
+        check_bool("share_nodes", self.share_nodes)
+        check_nonneg_int("fusion_tokens", self.fusion_tokens)
+        check_nonneg_int("decoder_context", self.decoder_context)
+        if self.mask_ratio is not None:
+            bad = isinstance(self.mask_ratio, bool) or not isinstance(self.mask_ratio, (int, float))
+            if bad or not 0.0 < self.mask_ratio < 1.0:
+                raise config_error("mask_ratio", self.mask_ratio, "must be null or a number in (0, 1)")
         self.layer_plan()  # validates the hierarchy
 
     def layer_plan(self) -> list[tuple[int, int, int]]:
@@ -145,9 +178,14 @@ class HAMAConfig(MaskedAEConfig):
             for name, values in lists.items():
                 if not isinstance(values, (tuple, list)) or len(values) != self.n_layers:
                     raise config_error(name, values, f"must be a list of n_layers={self.n_layers} positive integers")
-                for v in values:
-                    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                        raise config_error(name, values, "every entry must be a positive integer")
+                for i, v in enumerate(values):
+                    # Layers above the first may mask nothing (they then only add context).
+                    low = 0 if name == "n_masks" and i > 0 else 1
+                    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                        rule = "every entry must be a positive integer" + (
+                            " (n_masks[1:] may be 0)" if low == 0 else ""
+                        )
+                        raise config_error(name, values, rule)
             plan = list(zip(lists["nodes_per_layer"], lists["partition_lengths"], lists["n_masks"]))
         else:
             s = {n: (SCALING_DEFAULTS[n] if v is None else v) for n, v in scaling.items()}
@@ -163,6 +201,9 @@ class HAMAConfig(MaskedAEConfig):
                 )
                 for i in range(self.n_layers)
             ]
+        if self.mask_ratio is not None:
+            nodes, p, _ = plan[0]
+            plan[0] = (nodes, p, min(max(round(self.mask_ratio * p), 1), p - 1))
         for i, (_, p, m) in enumerate(plan):
             if m >= p:
                 raise config_error(
@@ -173,91 +214,243 @@ class HAMAConfig(MaskedAEConfig):
         return plan
 
 
-# ============================================================================================= layers
 # =========================================================================================== geometry
 @dataclass
 class WindowGeometry:
-    """How one hierarchy layer cuts a length-``length`` sequence. Plain integers plus small [W, *]
-    tensors that are the same for every batch row (so rows never influence each other).
+    """How one hierarchy layer cuts a length-``length`` sequence into W segments and their windows
+    (the rule is in the module docstring). Plain integers plus small index tensors that are the same
+    for every batch row (rows never influence each other), all built with tensor ops.
 
-    windows: W = ceil(length / P); last_fill: real tokens r in the last window; keep_counts: [W] tokens
-    each window keeps (P - m, last one max(r - m, 1)); visible: V = P - m slots per window after masking.
+    seg_start / seg_len / keep: [W]; seg_pos, seg_valid: [W, S] (S = longest segment; positions clamped
+    in padding); seq_index: [L], the slot w * S + s of every position; win_pos, win_valid: [W, P_w];
+    slots: C, encoder slots per window (>= visible tokens of any window); latent_index, latent_valid:
+    [W, K] (K = most kept tokens of a segment): where segment w's kept tokens sit in the encoded sequence.
     """
 
     length: int
     partition_length: int
     n_mask: int
+    nodes: int
+    overlap: bool
     windows: int
-    last_fill: int
-    visible: int
-    keep_counts: torch.Tensor  # [W] long
+    window_length: int
+    segment_length: int
+    slots: int
+    kept_max: int
     encoded_length: int
-
-    @classmethod
-    def of(cls, length: int, partition_length: int, n_mask: int, device: torch.device | None = None) -> WindowGeometry:
-        if length < 1:
-            raise ValueError(f"length={length}: must be >= 1")
-        P, m = partition_length, n_mask
-        W = -(-length // P)
-        r = length - (W - 1) * P
-        keep = torch.full((W,), P - m, dtype=torch.long, device=device)
-        keep[-1] = max(r - m, 1) if r < P else P - m
-        return cls(length, P, m, W, r, P - m, keep, (W - 1) * (P - m) + int(keep[-1]))
+    seg_start: torch.Tensor
+    keep: torch.Tensor
+    seg_pos: torch.Tensor
+    seg_valid: torch.Tensor
+    seq_index: torch.Tensor
+    win_start: torch.Tensor
+    win_pos: torch.Tensor
+    win_valid: torch.Tensor
+    latent_index: torch.Tensor
+    latent_valid: torch.Tensor
+    z_window: torch.Tensor
 
     @staticmethod
-    def input_length(encoded_length: int, partition_length: int, n_mask: int) -> int:
-        """The input length that encodes to ``encoded_length`` with every window keeping P - m tokens
-        except a last one that keeps r - m (r > m). Unique under that rule; inputs whose last window is
-        nearly empty (r <= m) cannot be told apart from shorter ones, so decode needs their length."""
+    def _keep(s: int, m: int) -> int:
+        return max(s - m, 1)
+
+    @classmethod
+    def plan(cls, length: int, partition_length: int, n_mask: int, nodes: int = 1) -> tuple[bool, int, int, int]:
+        """(overlap, W, window length, encoded length), integers only."""
+        if length < 1:
+            raise ValueError(f"length={length}: must be >= 1")
+        L, P, m = length, partition_length, n_mask
+        if nodes * P > L:
+            # One segment per node, but no segment shorter than m + 1 tokens when L allows it, so each
+            # can hide its n_mask tokens.
+            W = max(1, min(nodes, L // (m + 1)))
+            q, rem = divmod(L, W)
+            encoded = rem * cls._keep(q + 1, m) + (W - rem) * cls._keep(q, m)
+            return True, W, min(P, L), encoded
+        W = -(-L // P)
+        r = L - (W - 1) * P
+        return False, W, P, (W - 1) * (P - m) + cls._keep(r, m)
+
+    @classmethod
+    def of(
+        cls, length: int, partition_length: int, n_mask: int, nodes: int = 1, device: torch.device | None = None
+    ) -> WindowGeometry:
+        overlap, W, Pw, encoded = cls.plan(length, partition_length, n_mask, nodes)
+        L, m = length, n_mask
+        w = torch.arange(W, device=device)
+        if overlap:
+            seg_start = (w * L) // W
+            seg_len = ((w + 1) * L) // W - seg_start
+            win_start = (seg_start + seg_len // 2 - Pw // 2).clamp(0, L - Pw)
+        else:
+            seg_start = w * Pw
+            seg_len = (L - seg_start).clamp(max=Pw)
+            win_start = seg_start
+        S = -(-L // W) if overlap else Pw
+        keep = (seg_len - m).clamp(min=1)
+        # Encoder slots: a window's visible tokens are at most its real tokens minus its own hidden ones.
+        if overlap:
+            q = L // W
+            slots = Pw - (q - cls._keep(q, m))
+        else:
+            r = L - (W - 1) * Pw
+            slots = Pw - m if (W > 1 or r == Pw) else cls._keep(r, m)
+        slot = torch.arange(S, device=device)
+        seg_pos = (seg_start[:, None] + slot).clamp(max=L - 1)
+        seg_valid = slot[None, :] < seg_len[:, None]
+        pos = torch.arange(L, device=device)
+        owner = torch.searchsorted(seg_start, pos, right=True) - 1
+        seq_index = owner * S + (pos - seg_start[owner])
+        win_raw = win_start[:, None] + torch.arange(Pw, device=device)
+        win_valid = win_raw < L
+        K = cls._keep(S, m)
+        offsets = keep.cumsum(0) - keep
+        k = torch.arange(K, device=device)
+        latent_index = (offsets[:, None] + k).clamp(max=encoded - 1)
+        z_window = torch.repeat_interleave(w, keep, output_size=encoded)
+        return cls(
+            length=L,
+            partition_length=partition_length,
+            n_mask=m,
+            nodes=nodes,
+            overlap=overlap,
+            windows=W,
+            window_length=Pw,
+            segment_length=S,
+            slots=slots,
+            kept_max=K,
+            encoded_length=encoded,
+            seg_start=seg_start,
+            keep=keep,
+            seg_pos=seg_pos,
+            seg_valid=seg_valid,
+            seq_index=seq_index,
+            win_start=win_start,
+            win_pos=win_raw.clamp(max=L - 1),
+            win_valid=win_valid,
+            latent_index=latent_index,
+            latent_valid=k[None, :] < keep[:, None],
+            z_window=z_window,
+        )
+
+    @property
+    def n_hide(self) -> torch.Tensor:
+        """[W] tokens each segment hides."""
+        return self.seg_valid.sum(1) - self.keep
+
+    @classmethod
+    def input_length(cls, encoded_length: int, partition_length: int, n_mask: int, nodes: int = 1) -> int:
+        """The input length that encodes to ``encoded_length``, assuming every segment kept more than
+        n_mask tokens and, when windows overlap, one segment per node (otherwise several lengths can
+        encode alike, so decode needs the length). Raises ValueError when no such length exists."""
         if encoded_length < 1:
             raise ValueError(f"encoded length={encoded_length}: must be >= 1")
-        V = partition_length - n_mask
+        P, m = partition_length, n_mask
+        V = P - m
         full = (encoded_length - 1) // V
-        return full * partition_length + (encoded_length - full * V) + n_mask
-
-    def token_valid(self) -> torch.Tensor:
-        """[W, P] bool: real tokens (False = padding of the last window)."""
-        pos = torch.arange(self.windows * self.partition_length, device=self.keep_counts.device)
-        return (pos < self.length).view(self.windows, self.partition_length)
-
-    def latent_valid(self) -> torch.Tensor:
-        """[W, V] bool: real latents among the V visible slots of every window."""
-        slots = torch.arange(self.visible, device=self.keep_counts.device)
-        return slots[None, :] < self.keep_counts[:, None]
-
-    def is_ragged(self) -> bool:
-        return self.last_fill < self.partition_length
+        candidates = [encoded_length + nodes * m, full * P + (encoded_length - full * V) + m]
+        for length in candidates:
+            overlap, W, _, encoded = cls.plan(length, P, m, nodes)
+            shortest = length // W if overlap else length - (W - 1) * P
+            if encoded == encoded_length and shortest > m:
+                return length
+        raise ValueError(f"encoded length={encoded_length}: no input length encodes to it; pass length=")
 
 
 # ========================================================================================= components
 class FissionModule(nn.Module):
-    """Splits a sequence into node windows. x: [B, L, D] -> windows [B, W, P, D], where window w holds
-    positions w*P .. w*P + P - 1 (zero padded past L), plus the sinusoidal encoding of each token's
-    position inside its window and the embedding of its node (window w belongs to node w mod N)."""
+    """Gathers the visible tokens of every window for its node's encoder.
 
-    def __init__(self, d_model: int, num_nodes: int, partition_length: int) -> None:
+    ``forward(h [B, L, D], hidden [B, L], geometry)`` -> (slots [B, W, C, D], slot_pos [B, W, C]
+    positions in h, slot_valid [B, W, C]): the visible tokens of window w in position order (then
+    padding), each plus the sinusoidal encoding of its position inside the window (and, with shared
+    node weights, the embedding of the window's node, so nodes still differ)."""
+
+    def __init__(self, d_model: int, num_nodes: int, shared: bool) -> None:
         super().__init__()
         self.num_nodes = num_nodes
-        self.partition_length = partition_length
         self.positional = SinusoidalPositionalEncoding(d_model)
-        self.node_embedding = nn.Parameter(torch.randn(num_nodes, d_model) * 0.02)
+        self.node_embedding = nn.Parameter(torch.randn(num_nodes, d_model) * 0.02) if shared else None
 
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        B, L, D = x.shape
-        W, P = geometry.windows, self.partition_length
-        windows = F.pad(x, (0, 0, 0, W * P - L)).view(B, W, P, D)
-        nodes = torch.arange(W, device=x.device) % self.num_nodes
-        windows = self.positional(windows) + self.node_embedding[nodes][None, :, None, :]
-        return windows
+    def forward(
+        self, h: torch.Tensor, hidden: torch.Tensor, geometry: WindowGeometry
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, D = h.shape
+        W, C = geometry.windows, geometry.slots
+        visible = ~hidden[:, geometry.win_pos] & geometry.win_valid  # [B, W, P_w]
+        # Stable sort: the visible tokens first, in position order.
+        order = visible.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :C]
+        slot_valid = visible.gather(-1, order)
+        slot_pos = geometry.win_pos.expand(B, W, -1).gather(-1, order)
+        slots = h.gather(1, slot_pos.reshape(B, W * C, 1).expand(B, W * C, D)).view(B, W, C, D)
+        slots = self.positional(slots, positions=order)
+        if self.node_embedding is not None:
+            slots = slots + self.node_embedding[node_of_window(W, self.num_nodes, h.device)][None, :, None, :]
+        return slots, slot_pos, slot_valid
 
 
-class BabyAutoencoder(nn.Module):
-    """One node autoencoder, applied to all windows of a layer in one batched call.
+class _CrossAttention(nn.Module):
+    """queries [B, Q, D] read keys/values [B, K, D] (key_valid [B, K] or None) -> [B, Q, D]."""
 
-    ``encode``: scores the tokens of every window, drops the n_mask lowest-scored ones *before* the
-    encoder, and encodes the P - n_mask kept tokens -> latents [B, W, V, D] and their in-window
-    positions [B, W, V]. ``decode``: the decoder attends over [latents; output queries] and returns the
-    query outputs [B, W, P, D].
+    def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.dropout = n_heads, dropout
+        self.q = nn.Linear(d_model, d_model)
+        self.kv = nn.Linear(d_model, 2 * d_model)
+        self.out_proj = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        B, Q, D = x.shape
+        H = self.n_heads
+        q = self.q(x).view(B, Q, H, D // H).transpose(1, 2)
+        k, v = self.kv(context).view(B, -1, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, Q, D))
+
+
+class FusionModule(nn.Module):
+    """Exchanges information across all windows of a layer at linear cost.
+
+    latents [B, W, C, D], valid [B, W, C] -> [B, W, C, D]: G learned global tokens read every window's
+    summary (mean of its valid latents + the sinusoidal encoding of the window index), pass an MLP, and
+    every latent reads them back (residual). ``tokens=0``: identity (the ablation without fusion)."""
+
+    def __init__(self, d_model: int, n_heads: int, tokens: int, dropout: float, norm: str) -> None:
+        super().__init__()
+        self.tokens = tokens
+        if tokens == 0:
+            return
+        self.global_queries = nn.Parameter(torch.randn(tokens, d_model) * 0.02)
+        self.summary_norm = make_norm(norm, d_model)
+        self.gather = _CrossAttention(d_model, n_heads, dropout)
+        self.mlp_norm = make_norm(norm, d_model)
+        self.mlp = GELUMLP(d_model, dropout=dropout)
+        self.latent_norm = make_norm(norm, d_model)
+        self.global_norm = make_norm(norm, d_model)
+        self.broadcast = _CrossAttention(d_model, n_heads, dropout)
+
+    def forward(self, latents: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.tokens == 0:
+            return latents
+        B, W, C, D = latents.shape
+        weights = valid.to(latents.dtype)[..., None]
+        summary = (latents * weights).sum(2) / weights.sum(2).clamp(min=1)  # [B, W, D]
+        summary = summary + sinusoidal_table(torch.arange(W, device=latents.device), D).to(latents.dtype)
+        g = self.global_queries.expand(B, -1, -1)
+        g = g + self.gather(g, self.summary_norm(summary))
+        g = g + self.mlp(self.mlp_norm(g))
+        flat = latents.reshape(B, W * C, D)
+        flat = flat + self.broadcast(self.latent_norm(flat), self.global_norm(g))
+        return flat.view(B, W, C, D)
+
+
+class HAMABlock(nn.Module):
+    """One hierarchy layer: masking -> fission -> node encoders -> fusion; and the node decoders.
+
+    ``encode(h [B, L, D]) -> (z [B, L', D], kept [B, L'], hidden [B, L], log_prob [B, L] or None)``:
+    ``kept`` the positions in h of the tokens z encodes, ``hidden`` the tokens no encoder saw,
+    ``log_prob`` the masking policy's log-probabilities (training, learned strategy).
+    ``decode(z [B, L', D], length=L) -> [B, L, D]``.
     """
 
     def __init__(
@@ -266,182 +459,91 @@ class BabyAutoencoder(nn.Module):
         n_heads: int,
         transformer_layers: int,
         dropout: float,
+        num_nodes: int,
+        partition_length: int,
         n_mask: int,
+        share_nodes: bool = False,
+        fusion_tokens: int = 8,
+        decoder_context: int = 1,
         mask_strategy: str = "learned",
-        gumbel_scale: float = 1.0,
         mask_seed: int = 0,
         mlp: str = "gelu",
         norm: str = "layernorm",
     ) -> None:
         super().__init__()
-        self.d_model, self.n_mask = d_model, n_mask
-        self.mask_strategy = mask_strategy
-        self.gumbel_scale = gumbel_scale
-        self.mask_seed = mask_seed
-        # The importance scorer exists only when it is used, so every parameter gets a gradient.
-        self.scorer = (
-            nn.Sequential(make_norm(norm, d_model), nn.Linear(d_model, 1)) if mask_strategy == "learned" else None
-        )
-        self.encoder = Encoder(d_model, n_heads, transformer_layers, dropout, mlp, norm)
-        self.positional = SinusoidalPositionalEncoding(d_model)
-        self.decoder = Encoder(d_model, n_heads, transformer_layers, dropout, mlp, norm)
-
-    # ---------------------------------------------------------------------------------------- masking
-    @property
-    def uses_scorer(self) -> bool:
-        # ``mask_strategy`` may be switched to "random" after construction, e.g. to evaluate a model
-        # trained with learned masks on random masks (the bench does).
-        return self.scorer is not None and self.mask_strategy == "learned"
-
-    def scores(self, windows: torch.Tensor) -> torch.Tensor:
-        """Importance of every token: [B, W, P, D] -> [B, W, P] (higher = kept)."""
-        B, W, P, _ = windows.shape
-        if self.uses_scorer:
-            s = self.scorer(windows).squeeze(-1)
-            if self.training and self.gumbel_scale > 0:
-                # Gumbel top-k: sampling the kept set in proportion to exp(score) explores masks.
-                u = torch.rand_like(s).clamp_(1e-9, 1 - 1e-9)
-                s = s - self.gumbel_scale * torch.log(-torch.log(u))
-            return s
-        if self.training:
-            return torch.rand(B, W, P, device=windows.device)
-        # Eval: a fixed pattern that depends only on the position, so results are deterministic and
-        # batch rows are independent.
-        gen = torch.Generator().manual_seed(self.mask_seed)
-        return torch.rand(1, W, P, generator=gen).to(windows.device).expand(B, W, P)
-
-    def select(self, scores: torch.Tensor, geometry: WindowGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """Which V = P - m slots of each window the encoder sees: [B, W, V] in-window positions in
-        increasing order (kept real tokens first, then padding of a ragged last window) and the
-        straight-through gate [B, W, V] (exactly 1 in value; carries the scorer's gradient)."""
-        B, W, P = scores.shape
-        valid = geometry.token_valid()  # [W, P]
-        ranked = scores.detach().masked_fill(~valid, float("-inf"))
-        order = ranked.argsort(dim=-1, descending=True)
-        rank = order.argsort(dim=-1)  # rank of every token inside its window, 0 = most important
-        keep = rank < geometry.keep_counts[None, :, None]  # [B, W, P]; the kept are always real tokens
-        # A ragged last window fills its remaining visible slots with padding (masked in attention).
-        pad_fill = geometry.visible - geometry.keep_counts  # [W]
-        pos = torch.arange(P, device=scores.device)
-        take_pad = (~valid) & (pos[None, :] < (geometry.last_fill + pad_fill)[:, None])
-        chosen = keep | take_pad[None]
-        # Stable sort puts the V chosen slots first, in position order.
-        idx = chosen.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., : geometry.visible]
-        if not self.uses_scorer:
-            return idx, scores.new_ones(idx.shape)
-        # Straight-through: value 1, gradient of sigmoid(score - window mean) w.r.t. the scorer.
-        centre = (scores.detach() * valid).sum(-1, keepdim=True) / valid.sum(-1, keepdim=True)
-        soft = torch.sigmoid(scores - centre).gather(-1, idx)
-        return idx, 1.0 + soft - soft.detach()
-
-    # ----------------------------------------------------------------------------------- encode/decode
-    def encode(self, windows: torch.Tensor, geometry: WindowGeometry) -> tuple[torch.Tensor, torch.Tensor]:
-        """windows [B, W, P, D] -> (latents [B, W, V, D], kept in-window positions [B, W, V])."""
-        B, W, P, D = windows.shape
-        idx, gate = self.select(self.scores(windows), geometry)
-        visible = windows.gather(2, idx[..., None].expand(B, W, geometry.visible, D)) * gate[..., None]
-        key_valid = geometry.latent_valid()[None].expand(B, W, geometry.visible).reshape(B * W, -1)
-        latents = self.encoder(visible.reshape(B * W, geometry.visible, D), key_valid if geometry.is_ragged() else None)
-        # Stamp every latent with its in-window position again: the decoder's output queries carry the
-        # same encoding, so matching a query to the latent of its own position is easy, and z stays
-        # self-describing (decode needs no mask indices).
-        latents = self.positional(latents.view(B, W, geometry.visible, D), positions=idx)
-        return latents, idx
-
-    def decode(self, latents: torch.Tensor, queries: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        """latents [B, W, V, D], queries [W, P, D] -> [B, W, P, D]."""
-        B, W, V, D = latents.shape
-        P = queries.shape[1]
-        seq = torch.cat((latents, queries[None].expand(B, W, P, D)), dim=2).reshape(B * W, V + P, D)
-        key_valid = None
-        if geometry.is_ragged():
-            valid = torch.cat((geometry.latent_valid(), geometry.token_valid()), dim=1)  # [W, V + P]
-            key_valid = valid[None].expand(B, W, V + P).reshape(B * W, V + P)
-        out = self.decoder(seq, key_valid)
-        return out.view(B, W, V + P, D)[:, :, V:]
-
-
-class FusionModule(nn.Module):
-    """Recombines node windows into one sequence.
-
-    ``queries``: the positional output queries [W, P, D] (a learned mask token + the sinusoidal
-    position inside the window + the node's query embedding), one per output position, so outputs
-    differ by position. ``merge_latents`` / ``split_latents``: [B, W, V, D] <-> [B, L', D] (padding of
-    the last window dropped / restored). ``merge_outputs``: [B, W, P, D] -> [B, L, D].
-    """
-
-    def __init__(self, d_model: int, num_nodes: int, partition_length: int) -> None:
-        super().__init__()
-        self.num_nodes = num_nodes
-        self.partition_length = partition_length
-        self.positional = SinusoidalPositionalEncoding(d_model)
-        self.mask_token = nn.Parameter(torch.randn(d_model) * 0.02)
-        self.node_queries = nn.Parameter(torch.randn(num_nodes, d_model) * 0.02)
-
-    def queries(self, geometry: WindowGeometry) -> torch.Tensor:
-        W, P = geometry.windows, self.partition_length
-        nodes = torch.arange(W, device=self.mask_token.device) % self.num_nodes
-        base = self.mask_token.expand(W, P, -1) + self.node_queries[nodes][:, None, :]
-        return self.positional(base)
-
-    @staticmethod
-    def merge_latents(latents: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        B, W, V, D = latents.shape
-        return latents.reshape(B, W * V, D)[:, : geometry.encoded_length]
-
-    @staticmethod
-    def split_latents(z: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        B, Lz, D = z.shape
-        W, V = geometry.windows, geometry.visible
-        return F.pad(z, (0, 0, 0, W * V - Lz)).view(B, W, V, D)
-
-    @staticmethod
-    def merge_outputs(outputs: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        B, W, P, D = outputs.shape
-        return outputs.reshape(B, W * P, D)[:, : geometry.length]
-
-
-class HAMABlock(nn.Module):
-    """One hierarchy layer: fission -> masked node autoencoders -> fusion.
-
-    ``encode(x [B, L, D]) -> (z [B, L', D], kept [B, L'])`` with L' = L - W * n_mask (full windows) and
-    ``kept`` the positions in x of the tokens z encodes; ``decode(z [B, L', D], length=L) -> [B, L, D]``.
-    """
-
-    def __init__(self, node: BabyAutoencoder, num_nodes: int, partition_length: int) -> None:
-        super().__init__()
-        n_mask, d_model = node.n_mask, node.d_model
         if n_mask >= partition_length:
             raise ValueError(f"n_mask={n_mask}: must be < partition_length={partition_length}")
         self.num_nodes, self.partition_length, self.n_mask = num_nodes, partition_length, n_mask
-        self.fission = FissionModule(d_model, num_nodes, partition_length)
-        self.node = node
-        self.fusion = FusionModule(d_model, num_nodes, partition_length)
+        self.decoder_context = decoder_context
+        weights = 1 if share_nodes else num_nodes
+        self.masker = TokenMasker(d_model, mask_strategy, mask_seed, norm)
+        self.fission = FissionModule(d_model, num_nodes, share_nodes)
+        self.encoder = NodeTransformer(weights, d_model, n_heads, transformer_layers, dropout, mlp, norm)
+        self.fusion = FusionModule(d_model, n_heads, fusion_tokens, dropout, norm)
+        self.positional = SinusoidalPositionalEncoding(d_model)
+        self.mask_token = nn.Parameter(torch.randn(d_model) * 0.02)
+        self.node_queries = nn.Parameter(torch.randn(num_nodes, d_model) * 0.02) if share_nodes else None
+        self.neighbour_embedding = nn.Parameter(torch.randn(2 * decoder_context + 1, d_model) * 0.02)
+        self.decoder = NodeTransformer(weights, d_model, n_heads, transformer_layers, dropout, mlp, norm)
 
     def geometry(self, length: int, device: torch.device | None = None) -> WindowGeometry:
-        return WindowGeometry.of(length, self.partition_length, self.n_mask, device)
+        return WindowGeometry.of(length, self.partition_length, self.n_mask, self.num_nodes, device)
 
     def encoded_length(self, length: int) -> int:
-        return self.geometry(length).encoded_length
+        return WindowGeometry.plan(length, self.partition_length, self.n_mask, self.num_nodes)[3]
 
     def input_length(self, encoded_length: int) -> int:
-        return WindowGeometry.input_length(encoded_length, self.partition_length, self.n_mask)
+        return WindowGeometry.input_length(encoded_length, self.partition_length, self.n_mask, self.num_nodes)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        geometry = self.geometry(x.shape[1], x.device)
-        latents, idx = self.node.encode(self.fission(x, geometry), geometry)
-        z = self.fusion.merge_latents(latents, geometry)
-        window_start = torch.arange(geometry.windows, device=x.device)[None, :, None] * self.partition_length
-        kept = (idx + window_start).flatten(1)[:, : geometry.encoded_length]
-        return z, kept
+    def encode(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        B, L, D = h.shape
+        g = self.geometry(L, h.device)
+        hidden, log_prob = self.masker(h, g.seg_pos, g.seg_valid, g.n_hide, g.seq_index)
+        slots, slot_pos, slot_valid = self.fission(h, hidden, g)
+        latents = self.encoder(slots, slot_valid)
+        latents = self.fusion(latents, slot_valid)
+        # Segment w's kept tokens are the visible slots of its window from the first one at or after
+        # the segment start (its window may begin with visible tokens of the segment before).
+        before = (slot_valid & (slot_pos < g.seg_start[None, :, None])).sum(-1)  # [B, W]
+        rank = torch.arange(g.encoded_length, device=h.device) - (g.keep.cumsum(0) - g.keep)[g.z_window]
+        flat = g.z_window * g.slots + before[:, g.z_window] + rank  # [B, L']
+        z = latents.reshape(B, -1, D).gather(1, flat[..., None].expand(-1, -1, D))
+        kept = slot_pos.reshape(B, -1).gather(1, flat)
+        # Stamp every latent with its position in its segment: the output queries carry the same
+        # encoding, so z is self-describing (decode needs no mask indices).
+        z = self.positional(z, positions=kept - g.seg_start[g.z_window])
+        return z, kept, hidden, log_prob
+
+    def _queries(self, g: WindowGeometry) -> torch.Tensor:
+        """[W or 1, S, D]: mask token + position in the segment (+ node query when weights are shared)."""
+        q = self.positional(self.mask_token.expand(g.segment_length, -1))[None]
+        if self.node_queries is not None:
+            q = q + self.node_queries[node_of_window(g.windows, self.num_nodes, q.device)][:, None, :]
+        return q
 
     def decode(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
         length = self.input_length(z.shape[1]) if length is None else length
-        geometry = self.geometry(length, z.device)
-        if geometry.encoded_length != z.shape[1]:
+        g = self.geometry(length, z.device)
+        if g.encoded_length != z.shape[1]:
             raise ValueError(f"z: length {z.shape[1]} does not encode a length-{length} input")
-        outputs = self.node.decode(self.fusion.split_latents(z, geometry), self.fusion.queries(geometry), geometry)
-        return self.fusion.merge_outputs(outputs, geometry)
+        B, _, D = z.shape
+        W, K, S, c = g.windows, g.kept_max, g.segment_length, self.decoder_context
+        own = z[:, g.latent_index]  # [B, W, K, D]
+        # Latents of the c segments on either side, tagged by their offset (-c .. c).
+        padded = F.pad(own, (0, 0, 0, 0, c, c))  # [B, W + 2c, K, D]
+        context = padded.unfold(1, 2 * c + 1, 1).permute(0, 1, 4, 2, 3)  # [B, W, 2c+1, K, D]
+        context = (context + self.neighbour_embedding[None, None, :, None, :]).reshape(B, W, (2 * c + 1) * K, D)
+        valid = F.pad(g.latent_valid.to(torch.int8), (0, 0, c, c)).unfold(0, 2 * c + 1, 1).permute(0, 2, 1) > 0
+        queries = self._queries(g).expand(W, S, D)[None].expand(B, W, S, D)
+        if self.n_mask == 0:
+            # Nothing was hidden, so segment w's latents sit at its positions 0 .. s_w - 1 in order: each
+            # query starts from its own latent (a skip path, as in a U-Net), and the decoder refines it
+            # instead of having to find it by attention.
+            queries = queries + own
+        seq = torch.cat((context, queries), dim=2)
+        key_valid = torch.cat((valid.reshape(W, -1), g.seg_valid), dim=1)[None].expand(B, -1, -1)
+        out = self.decoder(seq, key_valid)[:, :, -S:]  # [B, W, S, D]
+        return out.reshape(B, W * S, D)[:, g.seq_index]
 
 
 # ============================================================================================== model
@@ -456,12 +558,14 @@ class HAMA(nn.Module):
     arguments (``HAMA(embedding_dim=256, num_heads=8, dropout=0.1, num_layers=3, transformer_layers=2,
     ...)``), which give a continuous model on [B, L, embedding_dim] inputs.
 
-    ``forward(x) -> MaskedAEOutput(reconstruction, loss, mask, aux_loss=0)``:
+    ``forward(x) -> MaskedAEOutput(reconstruction, loss, mask, aux_loss)``:
     x is ids [B, L] (``input_type="tokens"``; reconstruction = logits [B, L, V], loss = cross-entropy)
     or features [B, L, d_input] (``"continuous"``; reconstruction [B, L, d_input], loss = MSE);
-    mask [B, L] bool marks the positions hidden from every encoder (the n_mask_0 dropped per layer-0
-    window); the loss covers them (``loss_on="masked"``) or every position (``"all"``). Higher layers
-    drop further latents (compression); those positions are reconstructed from context.
+    mask [B, L] bool marks the positions hidden from every encoder (layer 0's hidden tokens); the
+    reconstruction loss covers them (``loss_on="masked"``) or every position (``"all"``). ``aux_loss``
+    is the REINFORCE term of the learned masking policy (training only; 0 in eval and for random
+    masks); ``loss`` = reconstruction loss + mask_loss_weight * aux_loss. Higher layers drop further
+    latents (compression); those positions are reconstructed from context.
     ``encode(x) -> z [B, L_K, d_model]``; ``decode(z, length=None) -> [B, L, V or d_input]``;
     ``forward(x).reconstruction == decode(encode(x), L)`` when masking is deterministic (eval).
     """
@@ -480,20 +584,20 @@ class HAMA(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             HAMABlock(
-                BabyAutoencoder(
-                    D,
-                    config.n_heads,
-                    config.transformer_layers,
-                    config.dropout,
-                    n_mask,
-                    config.mask_strategy,
-                    config.gumbel_scale,
-                    config.mask_seed + i,
-                    config.mlp,
-                    config.norm,
-                ),
+                D,
+                config.n_heads,
+                config.transformer_layers,
+                config.dropout,
                 nodes,
                 partition,
+                n_mask,
+                config.share_nodes,
+                config.fusion_tokens,
+                config.decoder_context,
+                config.mask_strategy,
+                config.mask_seed + i,
+                config.mlp,
+                config.norm,
             )
             for i, (nodes, partition, n_mask) in enumerate(config.layer_plan())
         )
@@ -523,29 +627,28 @@ class HAMA(nn.Module):
             out.append(block.encoded_length(out[-1]))
         return out
 
-    # ------------------------------------------------------------------------------------ checking
+    # ------------------------------------------------------------------------------ encode / decode
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed(x) if self.config.input_type == "tokens" else self.embed(x.to(self.head.weight.dtype))
         return self.drop(h)
 
-    # ------------------------------------------------------------------------------ encode / decode
-    def _encode(self, h: torch.Tensor) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
-        """h [B, L, D] -> (z [B, L_K, D], lengths [L_0..L_K], mask [B, L], positions [B, L_K]).
-
-        mask: True where the input never reached an encoder (dropped by layer 0). Tokens dropped by a
-        higher layer are not in it: their input was seen (in context) by the layers below.
-        positions: where in x each z token sits."""
+    def _encode(self, h: torch.Tensor) -> tuple[torch.Tensor, list[int], dict[str, list[Any]]]:
+        """h [B, L, D] -> (z [B, L_K, D], lengths [L_0..L_K], trace). trace: per layer, ``hidden``
+        [B, L_i] flags, ``log_prob`` [B, L_i] (learned masks while training, else None) and ``positions``
+        [B, L_i] (where in x every layer-i token sits). trace["hidden"][0] is the model's mask: the inputs that
+        never reached an encoder (tokens dropped by a higher layer were seen in context below)."""
         B, L, _ = h.shape
         positions = torch.arange(L, device=h.device).expand(B, L)
         lengths = [L]
-        mask = None
+        trace: dict[str, list[Any]] = {"hidden": [], "log_prob": [], "positions": []}
         for block in self.blocks:
-            h, kept = block.encode(h)
+            h, kept, hidden, log_prob = block.encode(h)
+            trace["hidden"].append(hidden)
+            trace["positions"].append(positions)
+            trace["log_prob"].append(log_prob)
             positions = positions.gather(1, kept)
             lengths.append(h.shape[1])
-            if mask is None:
-                mask = torch.ones(B, L, dtype=torch.bool, device=h.device).scatter(1, positions, False)
-        return h, lengths, mask, positions
+        return h, lengths, trace
 
     def _decode(self, z: torch.Tensor, lengths: list[int]) -> torch.Tensor:
         h = z
@@ -555,30 +658,29 @@ class HAMA(nn.Module):
 
     @contextlib.contextmanager
     def masking(self, strategy: str) -> Iterator[None]:
-        """Within the block every node masks with ``strategy`` ("learned" or "random") instead of the
+        """Within the block every layer masks with ``strategy`` ("learned" or "random") instead of the
         configured one, e.g. to evaluate a learned-mask model on random masks."""
-        check_choice("strategy", strategy, ("learned", "random"))
-        nodes = [block.node for block in self.blocks]
-        saved = [node.mask_strategy for node in nodes]
-        for node in nodes:
-            node.mask_strategy = strategy
+        check_choice("strategy", strategy, MASK_STRATEGIES)
+        maskers = [block.masker for block in self.blocks]
+        saved = [m.strategy for m in maskers]
+        for m in maskers:
+            m.strategy = strategy
         try:
             yield
         finally:
-            for node, kept in zip(nodes, saved):
-                node.mask_strategy = kept
+            for m, kept in zip(maskers, saved):
+                m.strategy = kept
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, L] ids or [B, L, d_input] -> z [B, L_K, d_model] (the kept, encoded tokens)."""
-        z, _, _, _ = self._encode(self._embed(self.config.check_input(x)))
+        z, _, _ = self._encode(self._embed(self.config.check_input(x)))
         return z
 
     def decode(self, z: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """z [B, L_K, d_model] -> reconstruction [B, L, V] (logits) or [B, L, d_input].
 
-        ``length`` is the original L; by default it is inferred from L_K assuming every window of every
-        layer kept more than n_mask tokens (always true when each layer's length is a multiple of its
-        partition length, as in the README configuration)."""
+        ``length`` is the original L; by default it is inferred from L_K assuming every segment of
+        every layer kept more than n_mask tokens (true for the README configuration at L = 512)."""
         z = check_features(z, self.config.d_model, name="z")
         if length is None:
             lengths = [z.shape[1]]
@@ -592,10 +694,28 @@ class HAMA(nn.Module):
                 raise ValueError(f"length={length}: encodes to {lengths[-1]} tokens, but z has {z.shape[1]}")
         return self._decode(z, lengths)
 
+    def position_error(self, reconstruction: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """[B, L] reconstruction error of every position (cross-entropy, or MSE over channels), detached."""
+        with torch.no_grad():
+            if self.config.input_type == "tokens":
+                flat = F.cross_entropy(reconstruction.flatten(0, 1).float(), x.flatten(), reduction="none")
+                return flat.view(x.shape)
+            return (reconstruction.float() - x.float()).pow(2).mean(-1)
+
     # ------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> MaskedAEOutput:
         x = self.config.check_input(x)
-        z, lengths, mask, _ = self._encode(self._embed(x))
+        z, lengths, trace = self._encode(self._embed(x))
         reconstruction = self._decode(z, lengths)
+        mask = trace["hidden"][0]
         loss = masked_reconstruction_loss(reconstruction, x, mask, self.config.input_type, self.config.loss_on)
-        return MaskedAEOutput(reconstruction=reconstruction, loss=loss, mask=mask, aux_loss=loss.new_zeros(()))
+        aux = loss.new_zeros(())
+        if any(lp is not None for lp in trace["log_prob"]):
+            # Layer 0 hides inputs (reward as configured); higher layers compress, so they drop what is
+            # cheapest to reconstruct (cooperative reward). A layer that hides nothing adds 0.
+            error = self.position_error(reconstruction, x)
+            for i, (lp, hidden, pos) in enumerate(zip(trace["log_prob"], trace["hidden"], trace["positions"])):
+                reward = self.config.mask_reward if i == 0 else "cooperative"
+                aux = aux + reinforce_loss(lp, hidden, pos, error, reward)
+            aux = self.config.mask_loss_weight * aux
+        return MaskedAEOutput(reconstruction=reconstruction, loss=loss + aux, mask=mask, aux_loss=aux)
