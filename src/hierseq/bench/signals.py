@@ -35,7 +35,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -314,9 +314,9 @@ def model_run(
     }
 
 
-def _row_key(task: str, label: str) -> tuple[int, str, int]:
-    """Tasks in SIGNAL_TASKS order, then models in MODEL_SPECS order, then the references."""
-    tasks, labels = list(SIGNAL_TASKS), [*MODEL_SPECS, *REFERENCES]
+def _row_key(task: str, label: str, specs: Mapping[str, tuple]) -> tuple[int, str, int]:
+    """Tasks in SIGNAL_TASKS order, then models in ``specs`` order, then the references."""
+    tasks, labels = list(SIGNAL_TASKS), [*specs, *REFERENCES]
     return (
         tasks.index(task) if task in tasks else len(tasks),
         task,
@@ -324,25 +324,20 @@ def _row_key(task: str, label: str) -> tuple[int, str, int]:
     )
 
 
-def is_hierarchical(label: str) -> bool:
-    """True for the HiSS variants of :data:`MODEL_SPECS` (the rest are the flat controls)."""
-    return label in MODEL_SPECS and MODEL_SPECS[label][0] == "hiss"
+def is_hierarchical(label: str, specs: Mapping[str, tuple] = MODEL_SPECS) -> bool:
+    """True for the HiSS variants of ``specs`` (label -> (registry name, ...)); the rest are flat controls."""
+    return label in specs and specs[label][0] == "hiss"
 
 
-def summarise(
-    runs: list[dict[str, Any]],
-    hierarchical: Callable[[str], bool] | None = None,
-    order: Callable[[str, str], Any] | None = None,
-) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], specs: Mapping[str, tuple] = MODEL_SPECS) -> list[dict[str, Any]]:
     """One row per (task, model or reference): mean / std of the test MSE over seeds, params, mean time.
 
     In a task with HiSS variants and flat models, every HiSS row gets ``vs_best_flat`` (relative change of
     its mean MSE against the best flat model's) and every row of the task ``best_flat``, ``best_hiss`` and
-    ``hiss_vs_best_flat`` (the best HiSS variant's relative change). ``hierarchical(label)`` tells the HiSS
-    rows and ``order(task, label)`` sorts the rows (defaults: this module's models)."""
-    is_hierarchical_row = hierarchical or is_hierarchical
+    ``hiss_vs_best_flat`` (the best HiSS variant's relative change). ``specs`` (label -> (registry name,
+    ...), default :data:`MODEL_SPECS`) tells the HiSS rows and orders the models."""
     rows = []
-    keys = sorted({(r["task"], r["model"]) for r in runs}, key=lambda k: (order or _row_key)(*k))
+    keys = sorted({(r["task"], r["model"]) for r in runs}, key=lambda k: _row_key(*k, specs))
     for task, label in keys:
         group = [r for r in runs if r["task"] == task and r["model"] == label]
         mses = [r["test_mse"] for r in group]
@@ -360,8 +355,8 @@ def summarise(
         )
     for task in {r["task"] for r in rows}:
         task_rows = [r for r in rows if r["task"] == task]
-        flat = [r for r in task_rows if r["kind"] == "model" and not is_hierarchical_row(r["model"])]
-        hiss = [r for r in task_rows if is_hierarchical_row(r["model"])]
+        flat = [r for r in task_rows if r["kind"] == "model" and not is_hierarchical(r["model"], specs)]
+        hiss = [r for r in task_rows if is_hierarchical(r["model"], specs)]
         if flat and hiss:
             best_flat = min(flat, key=lambda r: r["test_mse_mean"])
             for r in hiss:

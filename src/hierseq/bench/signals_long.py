@@ -40,7 +40,7 @@ import torch
 from ..data.long_signals import LONG_SIMULATORS, OUTPUT_PERIOD
 from ..registry import build_model
 from .report import machine_facts, markdown_table, pyplot, write_report
-from .signals import PAPER_CLAIM, REFERENCES, model_run, prepare_task, reference_runs, select_runs, summarise
+from .signals import PAPER_CLAIM, is_hierarchical, model_run, prepare_task, reference_runs, select_runs, summarise
 
 _MAMBA = {"low_level": "mamba", "high_level": "mamba", "n_low_layers": 1}
 
@@ -103,15 +103,6 @@ LONG_SETTINGS: dict[str, dict[str, Any]] = {
 }
 
 
-def is_long_hierarchical(label: str) -> bool:
-    return label in LONG_MODEL_SPECS and LONG_MODEL_SPECS[label][0] == "hiss"
-
-
-def _order(task: str, label: str) -> tuple[int, int]:
-    tasks, labels = list(LONG_SIMULATORS), [*LONG_MODEL_SPECS, *REFERENCES]
-    return (tasks.index(task) if task in tasks else len(tasks), labels.index(label) if label in labels else len(labels))
-
-
 @torch.no_grad()
 def forward_ms_per_1k(model: torch.nn.Module, d_in: int, length: int, repeats: int = 3) -> float:
     """Median forward time (no grad, batch 1) over ``length`` input steps, in ms per 1k steps."""
@@ -163,7 +154,7 @@ def cost_rows(tasks_overrides: dict[str, dict[str, Any]], setting: dict[str, Any
 
 def _budget_rows(runs: list[dict[str, Any]], budget: str) -> list[dict[str, Any]]:
     picked = [r for r in runs if r["kind"] == "reference" or r.get("budget") == budget]
-    return summarise(picked, hierarchical=is_long_hierarchical, order=_order)
+    return summarise(picked, LONG_MODEL_SPECS)
 
 
 def long_verdicts(
@@ -290,7 +281,7 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             for r in report["rows"][budget]:
                 if r["task"] != task or r["kind"] != "model" or r["model"] not in cost:
                     continue
-                color = "tab:red" if is_long_hierarchical(r["model"]) else "tab:blue"
+                color = "tab:red" if is_hierarchical(r["model"], LONG_MODEL_SPECS) else "tab:blue"
                 ax.errorbar(
                     cost[r["model"]]["train_ms_per_1k"],
                     r["test_mse_mean"],

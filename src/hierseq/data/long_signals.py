@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .signal_common import ar1_noise, at_chunk_ends
+from .signal_common import ar1_noise, at_chunk_ends, drag_limited_velocity
 
 SAMPLE_RATE_HZ = 100.0
 DT = 1.0 / SAMPLE_RATE_HZ
@@ -108,12 +108,7 @@ def _simulate_imu9(rng: np.random.Generator, n: int, length: int, noise: float) 
     thrust[..., 0] += 0.5  # a tendency to move forwards
     world_thrust = np.einsum("ntij,ntj->nti", orientation, thrust)
     drag = rng.uniform(0.2, 0.6, size=(n, 1))  # 1/s, unobserved
-    velocity = np.empty((n, length, 3))
-    v = np.zeros((n, 3))
-    for t in range(length):
-        v = v + (world_thrust[:, t] - drag * v) * DT
-        velocity[:, t] = v
-    accel = np.diff(velocity, axis=1, prepend=0.0) / DT  # world frame
+    velocity, accel = drag_limited_velocity(world_thrust, drag, DT)  # accel: world frame
     to_body = orientation.swapaxes(-1, -2)
     # The gyro bias (a constant plus a random walk) scales with ``noise``: noise 0 is an ideal IMU.
     gyro_bias = rng.normal(0.0, 0.1 * noise, size=(n, 1, 3)) + np.cumsum(

@@ -42,7 +42,7 @@ import numpy as np
 
 from ..config import check_positive_int, config_error
 from .long_signals import LONG_REFERENCE_ESTIMATORS, LONG_SIMULATORS, OUTPUT_PERIOD
-from .signal_common import ar1_noise, at_chunk_ends
+from .signal_common import ar1_noise, at_chunk_ends, drag_limited_velocity
 
 SAMPLE_RATE_HZ = 50.0
 DT = 1.0 / SAMPLE_RATE_HZ
@@ -102,12 +102,7 @@ def _simulate_imu(rng: np.random.Generator, n: int, length: int, noise: float) -
     world_thrust = np.stack(
         (cos * thrust[..., 0] - sin * thrust[..., 1], sin * thrust[..., 0] + cos * thrust[..., 1]), axis=-1
     )
-    velocity = np.zeros((n, length, 2))
-    v = np.zeros((n, 2))
-    for t in range(length):
-        v = v + (world_thrust[:, t] - drag * v) * DT
-        velocity[:, t] = v
-    accel_world = np.diff(velocity, axis=1, prepend=0.0) / DT  # what an ideal accelerometer measures
+    velocity, accel_world = drag_limited_velocity(world_thrust, drag, DT)  # what an ideal accelerometer measures
     accel_body = np.stack(
         (cos * accel_world[..., 0] + sin * accel_world[..., 1], -sin * accel_world[..., 0] + cos * accel_world[..., 1]),
         axis=-1,

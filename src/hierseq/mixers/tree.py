@@ -516,6 +516,10 @@ class TreeAttention(Mixer):
         """Tokens per summary group of a level-``level`` node."""
         return (self.leaf_size << level) // self.n_summary
 
+    def _group_means(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A complete node's tokens [..., size, D] -> the means of its n_summary groups [..., S, D]."""
+        return tokens.unflatten(-2, (self.n_summary, -1)).mean(dim=-2)
+
     def _pooled_kv(
         self, means: torch.Tensor, node_starts: torch.Tensor | int, level: int, end: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -572,8 +576,7 @@ class TreeAttention(Mixer):
         if self.exact:
             keys, values = self._level_kv_of(left, positions[:, 0], span)  # [B, H, n_pairs, size, Dh]
         else:  # coarsen, then project: n_summary keys per left sibling (module docstring, "Levelwise")
-            means = left.unflatten(2, (self.n_summary, -1)).mean(dim=3)  # [B, n_pairs, S, D]
-            keys, values = self._pooled_kv(means, positions[:, 0, 0], level, span)
+            keys, values = self._pooled_kv(self._group_means(left), positions[:, 0, 0], level, span)
         right = right + self._level_cross(right, positions[:, 1], span, keys, values)
         merged = torch.stack((left, right), dim=2).view(B, span, D)
         return merged[:, :Lp] if span >= Lp else torch.cat((merged, z[:, span:]), dim=1)
@@ -596,7 +599,7 @@ class TreeAttention(Mixer):
             if self.exact:
                 slot = self._level_kv_of(left, torch.arange(start - size, start, device=z.device), L)
             else:
-                slot = self._pooled_kv(left.unflatten(1, (self.n_summary, -1)).mean(dim=2), start - size, level, L)
+                slot = self._pooled_kv(self._group_means(left), start - size, level, L)
             state.slots[level] = tuple(t.clone() for t in slot)
         own = z[:, start:]
         if self.exact:

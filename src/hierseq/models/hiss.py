@@ -42,7 +42,9 @@ from ..outputs import SeqRegressionOutput
 from ..registry import register
 from ..validation import check_features
 
-LEVEL_KINDS = ("mamba", "lstm", "transformer", "gated_deltanet", "mamba2")
+#: the recurrent controls, built from their registered mixers (:func:`recurrent_control_backbone`).
+RECURRENT_CONTROLS = ("gated_deltanet", "mamba2")
+LEVEL_KINDS = ("mamba", "lstm", "transformer", *RECURRENT_CONTROLS)
 REMAINDER_POLICIES = ("drop", "partial")
 
 
@@ -157,7 +159,7 @@ def make_backbone(kind: str, d_model: int, n_layers: int, spec: Any) -> nn.Modul
     """One level: ``kind`` in :data:`LEVEL_KINDS`; ``spec`` carries d_state, d_conv, expand, dt_rank,
     n_heads, norm."""
     check_choice("level", kind, LEVEL_KINDS)
-    if kind in ("gated_deltanet", "mamba2"):
+    if kind in RECURRENT_CONTROLS:
         return recurrent_control_backbone(kind, d_model, n_layers, spec)
     return {"mamba": mamba_backbone, "lstm": LSTMBackbone, "transformer": transformer_backbone}[kind](
         d_model, n_layers, spec
@@ -229,7 +231,7 @@ class ChunkedRegressionConfig(BaseConfig):
 
     def check_level(self, field_name: str, kind: str, width: int) -> None:
         check_choice(field_name, kind, LEVEL_KINDS)
-        if kind in ("gated_deltanet", "mamba2"):
+        if kind in RECURRENT_CONTROLS:
             recurrent_control_config(kind, self).check(width)
         if kind == "transformer" and (width % self.n_heads or (width // self.n_heads) % 2):
             raise config_error(
