@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import hierseq
 from hierseq.bench.lm import CONTROL_HEADS, _summarise, matched_overrides, model_params
@@ -55,3 +56,20 @@ def test_summary_groups_runs_by_variant_label() -> None:
 
 def test_markdown_table() -> None:
     assert markdown_table(["a", "b"], [[1, 2]]) == "| a | b |\n|---|---|\n| 1 | 2 |"
+
+
+def test_every_report_carries_its_run_record(tmp_path):
+    """write_report stamps commit, command, threads and load into the JSON and the Markdown's last line."""
+    import json
+
+    from hierseq.bench.report import write_report
+
+    write_report(tmp_path, "x", {"value": 1}, "# table\n")
+    data = json.loads((tmp_path / "x.json").read_text())
+    record = data["record"]
+    assert set(record) >= {"commit", "command", "threads", "load_avg_1_5_15", "cpus", "finished"}
+    assert record["threads"] == torch.get_num_threads()
+    assert len(record["load_avg_1_5_15"]) == 3
+    assert record["commit"] is None or len(record["commit"].split("+")[0]) == 12
+    last = (tmp_path / "x.md").read_text().rstrip().splitlines()[-1]
+    assert last.startswith("Recorded ") and record["command"] in last

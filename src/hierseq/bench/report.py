@@ -7,6 +7,9 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,56 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside a git checkout."""
+    here = Path(__file__).resolve().parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
+        return done.stdout.strip()
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        if not commit:
+            return None
+        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _command() -> str:
+    """The command line that started this process, as a user would type it."""
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if prog == "-c":
+        prog = "python -c"
+    elif prog == "hierseq" or sys.argv[0].endswith("hierseq/__main__.py"):
+        prog = "hierseq"
+    return " ".join([prog, shlex.join(sys.argv[1:])]) if sys.argv[1:] else prog
+
+
+def run_record() -> dict[str, Any]:
+    """What a quoted number needs beside it: commit, exact command, thread count and the machine's load
+    averages (1, 5 and 15 minutes; the 5- and 15-minute figures cover most of a benchmark's run)."""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return {
+        "commit": _git_commit(),
+        "command": _command(),
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg_1_5_15": [round(v, 2) for v in load],
+        "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def record_line(record: dict[str, Any]) -> str:
+    """One Markdown line naming a run's conditions (from :func:`run_record`)."""
+    load = "/".join(f"{v:.1f}" for v in record["load_avg_1_5_15"])
+    return (
+        f"Recorded {record['finished']}: commit `{record['commit'] or 'unknown'}`, command `{record['command']}`, "
+        f"{record['threads']} threads on {record['cpus']} CPUs, load average {load} (1/5/15 min) at the end."
+    )
+
+
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
@@ -42,8 +95,11 @@ def write_report(
     echo: bool = False,
 ) -> dict[str, Any]:
     """Write ``name.json`` and ``name.md`` under ``out_dir`` (each replaced atomically), then the figure
-    ``name.png`` with ``plot(path)`` when given; ``echo`` prints the Markdown. Returns ``data``, so a benchmark can end
-    with ``return write_report(...)``."""
+    ``name.png`` with ``plot(path)`` when given; ``echo`` prints the Markdown. Both files carry the run's
+    record (:func:`run_record`: commit, command, threads, load), ``data["record"]`` and the Markdown's last
+    line. Returns ``data``, so a benchmark can end with ``return write_report(...)``."""
+    data["record"] = run_record()
+    markdown = markdown.rstrip() + "\n\n" + record_line(data["record"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(data, indent=2, default=str) + "\n"
