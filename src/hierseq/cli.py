@@ -386,6 +386,21 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_extrapolate(args: argparse.Namespace) -> int:
+    from hierseq.bench.extrapolate import run_extrapolate_bench
+
+    run_extrapolate_bench(
+        out_dir=args.out,
+        models=_split_list(args.models),
+        eval_len=args.eval_len,
+        n_windows=args.windows,
+        seed=args.seed,
+        data=os.path.expanduser(args.data) if args.data else args.data,
+        threads=args.threads,
+    )
+    return 0
+
+
 def cmd_bench_recall(args: argparse.Namespace) -> int:
     from hierseq.bench.recall import run_recall_bench
 
@@ -628,6 +643,20 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
     p.add_argument("--out", default="runs/bench/lm", help="output directory")
     p.set_defaults(func=cmd_bench_lm)
+
+    p = bench_sub.add_parser(
+        "extrapolate", help="every causal LM trained at 256 tokens, bits/byte by position out to 8192"
+    )
+    p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
+    p.add_argument("--data", help="text file or folder (default: the embedded Austen corpus)")
+    _numeric_options(
+        p,
+        {"eval_len": "tokens per scored window", "windows": "validation windows scored", "seed": "training seed"},
+        eval_len=8192,
+        windows=16,
+        seed=0,
+    )
+    _threads_and_out(p, "runs/bench/extrapolate", cmd_bench_extrapolate)
 
     p = bench_sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy vs width")
     _list_options(
