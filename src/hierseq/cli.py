@@ -377,7 +377,7 @@ def cmd_bench_lm(args: argparse.Namespace) -> int:
 
     run_lm_bench(
         out_dir=args.out,
-        size="full" if args.full else "quick",
+        size="full" if args.full else "standard" if args.standard else "quick",
         models=_split_list(args.models),
         data=os.path.expanduser(args.data) if args.data else args.data,
         seeds=_split_list(args.seeds, int),
@@ -402,19 +402,21 @@ def cmd_bench_extrapolate(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_recall(args: argparse.Namespace) -> int:
-    from hierseq.bench.recall import run_recall_bench
+    from hierseq.bench.recall import run_recall_bench, run_recall_sweep
 
+    out = args.out
+    if args.sweep and out == "runs/bench/recall":
+        out = "runs/bench/recall_sweep"
     kwargs = dict(
-        out_dir=args.out,
+        out_dir=out,
         seq_len=args.seq_len,
         n_pairs=args.n_pairs,
         vocab_size=args.vocab_size,
-        steps=args.steps,
         n_layers=args.n_layers,
         batch_size=args.batch_size,
-        stop_at=args.stop_at,
         threads=args.threads,
     )
+    kwargs.update({k: v for k, v in (("steps", args.steps), ("stop_at", args.stop_at)) if v is not None})
     for key, text, cast in (
         ("models", args.models, str),
         ("widths", args.widths, int),
@@ -424,7 +426,10 @@ def cmd_bench_recall(args: argparse.Namespace) -> int:
         values = _split_list(text, cast)
         if values:
             kwargs[key] = values
-    run_recall_bench(**kwargs)
+    if args.sweep:
+        run_recall_sweep(**kwargs)
+    else:
+        run_recall_bench(**kwargs)
     return 0
 
 
@@ -630,6 +635,11 @@ def make_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("lm", help="every causal LM on the corpus at matched parameters and budget")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="about 10 minutes on 2 CPU cores (default)")
+    size.add_argument(
+        "--standard",
+        action="store_true",
+        help="about 40 minutes on 2 CPU cores: three seeds, mean ± std, learning curves, an equal wall-clock column",
+    )
     size.add_argument("--full", action="store_true", help="larger models, longer, three seeds")
     p.add_argument("--models", help="comma-separated registry names (default: every causal LM)")
     p.add_argument(
@@ -675,8 +685,17 @@ def make_parser() -> argparse.ArgumentParser:
         "batch_size": "sequences per training step",
         "stop_at": "stop a run early once its accuracy reaches this",
     }
-    _numeric_options(
-        p, recall_helps, seq_len=64, n_pairs=4, vocab_size=256, steps=1000, n_layers=2, batch_size=64, stop_at=1.0
+    _numeric_options(p, recall_helps, seq_len=64, n_pairs=4, vocab_size=256, n_layers=2, batch_size=64)
+    # No argparse defaults: --sweep has its own (every causal LM, widths 16,32,64, 3 seeds, shorter runs).
+    p.add_argument("--steps", type=int, help="training steps per run (default 1000; --sweep: 300)")
+    p.add_argument(
+        "--stop-at", type=float, help="stop a run early once its accuracy reaches this (default 1.0; --sweep: 0.99)"
+    )
+    p.add_argument(
+        "--sweep",
+        action="store_true",
+        help="accuracy against state size for every causal LM (default) over widths 16,32,64 and seeds 0,1,2, "
+        "with a Pareto plot; resumable (default out: runs/bench/recall_sweep)",
     )
     _threads_and_out(p, "runs/bench/recall", cmd_bench_recall)
 

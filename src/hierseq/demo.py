@@ -29,7 +29,7 @@ def run_demo(out_dir: str = "runs/demo", models: list[str] | None = None, seed: 
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     print("[demo] 1/3 training every causal LM on the embedded Austen corpus (same budget, matched parameters)")
-    lm = run_lm_bench(out_dir=str(out / "lm"), size="demo", models=models, seeds=[seed])
+    lm = run_lm_bench(out_dir=str(out / "lm"), size="demo", models=models, seeds=[seed], reuse=False)
     print("[demo] 2/3 speed curve (forward+backward time and memory vs length)")
     speed = run_speed_bench(
         out_dir=str(out / "speed"),

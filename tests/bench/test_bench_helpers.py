@@ -45,6 +45,8 @@ def test_summary_groups_runs_by_variant_label() -> None:
             "tokens_per_s": 5.0 + s,
             "val_bpb": 2.0 + s,
             "test_bpb": 2.5 + s,
+            "val_bpb_equal_time": 2.2 + s,
+            "train_s": 10.0 + s,
         }
         for label in ("maha", "maha:aggregation=nash")
         for s in (0, 1)
@@ -52,6 +54,7 @@ def test_summary_groups_runs_by_variant_label() -> None:
     rows = _summarise(runs, ["maha", "maha:aggregation=nash"])
     assert [r["model"] for r in rows] == ["maha", "maha:aggregation=nash"]
     assert rows[1]["val_bpb"] == [2.0, 3.0] and rows[1]["seeds"] == 2 and rows[1]["tokens_per_s"] == 5.5
+    assert rows[1]["val_bpb_equal_time"] == [2.2, 3.2] and rows[1]["train_s"] == 10.5
 
 
 def test_markdown_table() -> None:
