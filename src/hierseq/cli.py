@@ -373,11 +373,20 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_lm(args: argparse.Namespace) -> int:
-    from hierseq.bench.lm import run_lm_bench
+    import torch
 
+    from hierseq.bench.lm import run_lm_bench
+    from hierseq.config import config_error
+
+    size = "full" if args.full else "standard" if args.standard else "quick"
+    if args.threads is not None:
+        if args.threads < 1:
+            raise config_error("threads", args.threads, "must be >= 1")
+        torch.set_num_threads(args.threads)
     run_lm_bench(
-        out_dir=args.out,
-        size="full" if args.full else "standard" if args.standard else "quick",
+        # Each tier its own folder: their runs differ, and each tier reuses its own finished runs.
+        out_dir=args.out or ("runs/bench/lm" if size == "quick" else f"runs/bench/lm_{size}"),
+        size=size,
         models=_split_list(args.models),
         data=os.path.expanduser(args.data) if args.data else args.data,
         seeds=_split_list(args.seeds, int),
@@ -404,9 +413,7 @@ def cmd_bench_extrapolate(args: argparse.Namespace) -> int:
 def cmd_bench_recall(args: argparse.Namespace) -> int:
     from hierseq.bench.recall import run_recall_bench, run_recall_sweep
 
-    out = args.out
-    if args.sweep and out == "runs/bench/recall":
-        out = "runs/bench/recall_sweep"
+    out = args.out or ("runs/bench/recall_sweep" if args.sweep else "runs/bench/recall")
     kwargs = dict(
         out_dir=out,
         seq_len=args.seq_len,
@@ -651,7 +658,10 @@ def make_parser() -> argparse.ArgumentParser:
         help=TOKENIZER_HELP + "; one tokenizer for every model, bits per byte comparable across tokenizers",
     )
     p.add_argument("--seeds", help="comma-separated seeds (default: the size's seeds)")
-    p.add_argument("--out", default="runs/bench/lm", help="output directory")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--out", help="output directory (default: runs/bench/lm; --standard / --full: runs/bench/lm_standard / lm_full)"
+    )
     p.set_defaults(func=cmd_bench_lm)
 
     p = bench_sub.add_parser(
@@ -671,10 +681,10 @@ def make_parser() -> argparse.ArgumentParser:
     p = bench_sub.add_parser("recall", help="multi-query associative recall (MQAR) accuracy vs width")
     _list_options(
         p,
-        models="causal LMs or variants (default: hamt,linear_attn,transformer)",
-        widths="d_model values (default 64)",
-        lrs="learning rates to sweep (default 1e-3,3e-3)",
-        seeds="seeds (default 0)",
+        models="causal LMs or variants (default: hamt,linear_attn,transformer; --sweep: every causal LM)",
+        widths="d_model values (default 64; --sweep: 16,32,64)",
+        lrs="learning rates to sweep (default 1e-3,3e-3; --sweep: 3e-3)",
+        seeds="seeds (default 0; --sweep: 0,1,2)",
     )
     recall_helps = {
         "seq_len": "sequence length",
@@ -697,7 +707,9 @@ def make_parser() -> argparse.ArgumentParser:
         help="accuracy against state size for every causal LM (default) over widths 16,32,64 and seeds 0,1,2, "
         "with a Pareto plot; resumable (default out: runs/bench/recall_sweep)",
     )
-    _threads_and_out(p, "runs/bench/recall", cmd_bench_recall)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", help="output directory (default: runs/bench/recall; --sweep: runs/bench/recall_sweep)")
+    p.set_defaults(func=cmd_bench_recall)
 
     p = bench_sub.add_parser("signals", help="HiSS vs flat models on synthetic sensor tasks (MSE)")
     p.add_argument("--quick", action="store_true", help="smoke size: seconds, numbers meaningless")

@@ -131,6 +131,7 @@ def run_extrapolate_bench(
             {
                 "model": run["model"],
                 "n_params": run["n_params"],
+                "stopped_reason": run["stopped_reason"],
                 "val_bpb_at_train_len": run["val_bpb"],
                 "bucket_bpb": bpb,
                 "last_trained_bucket_bpb": reference,
@@ -156,10 +157,11 @@ def run_extrapolate_bench(
 
 
 def _log_curve(per_position: torch.Tensor) -> list[tuple[int, float]]:
-    """(first position, bits per byte) of each log2 bin of positions."""
+    """(first position, bits per byte) of each bin [2^j, 2^(j+1)) of positions (position 0 alone first), so
+    the bins line up with the table's buckets and the last one holds the window's second half."""
     points, lo = [], 0
     while lo < len(per_position):
-        hi = min(2 * lo + 1, len(per_position))
+        hi = min(max(1, 2 * lo), len(per_position))
         points.append((lo, float(per_position[lo:hi].mean()) / math.log(2)))
         lo = hi
     return points
@@ -177,7 +179,7 @@ def _markdown(report: dict[str, Any]) -> str:
     header = ["model", "params", *[_bucket_name(lo, hi) for lo, hi in buckets], "last / trained"]
     rows = [
         [
-            r["model"],
+            r["model"] + ("" if r["stopped_reason"] == "max_steps" else f" ({r['stopped_reason']})"),
             f"{r['n_params']:,}",
             *[f"{b:.3f}" for b in r["bucket_bpb"]],
             f"{r['ratio_to_last_trained'][-1]:.2f}",
@@ -194,7 +196,8 @@ def _markdown(report: dict[str, Any]) -> str:
             f"matched to the transformer's {report['target_params']:,}). Scored on {report['windows']} validation "
             f"windows of {report['eval_len']} tokens, one forward pass each, every positional scheme as trained. "
             "Validation bits per byte by position bucket (sorted by the last bucket); 'last / trained' is the last "
-            "bucket over positions 128-256, the end of the trained range (< 1: longer context helps).",
+            f"bucket over positions {report['train_len'] // 2}-{report['train_len']}, the end of the trained range "
+            "(< 1: longer context helps).",
             "",
             markdown_table(header, rows),
             "",
@@ -209,7 +212,7 @@ def _plot(report: dict[str, Any], path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.8))
     for r in sorted(report["rows"], key=lambda r: r["model"]):
-        xs, ys = zip(*[(lo + 1, bpb) for lo, bpb in r["curve"] if lo >= 15])  # first bins: too few tokens
+        xs, ys = zip(*[(lo, bpb) for lo, bpb in r["curve"] if lo >= 16])  # first bins: too few tokens
         ax.plot(xs, ys, marker="o", markersize=3, label=r["model"])
     ax.axvline(report["train_len"], color="k", linestyle="--", linewidth=1, label="training length")
     ax.set_xscale("log", base=2)

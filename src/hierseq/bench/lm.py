@@ -58,7 +58,7 @@ from typing import Any
 import torch
 
 from ..data.tokenizer import BYTES, build_tokenizer, check_tokenizer_spec, tokenize_split
-from .report import check_model_specs, machine_facts, markdown_table, pyplot, write_report
+from .report import check_model_specs, code_digest, machine_facts, markdown_table, pyplot, write_report
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def run_lm_bench(
     target = model_params("transformer", control)
     out = Path(out_dir)
     # What a run's numbers depend on besides its TrainConfig: the training code, torch, the corpus's bytes.
-    provenance = {"code": _code_digest(), "torch": torch.__version__, "data": _data_digest(corpus)}
+    provenance = {"code": code_digest(), "torch": torch.__version__, "data": _data_digest(corpus)}
     runs: list[dict] = []
     for label, name, variant in specs:
         if name == "transformer" and not variant:
@@ -351,19 +351,6 @@ def _previous_run(run_dir: Path, key: dict[str, Any], cfg: Any) -> tuple[dict[st
     if state.get("status") == "interrupted" and find_checkpoint(run_dir) is not None:
         return state, ""
     return None, "holds an incomplete run"
-
-
-def _code_digest() -> str:
-    """A digest of the package source that decides a run's numbers: every ``.py`` file of hierseq except the
-    benchmarks and the command line (editing a report must not invalidate the runs it reports)."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).as_posix()
-        if rel.startswith("bench/") or rel == "cli.py":
-            continue
-        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
 
 
 def _data_digest(corpus: Any) -> str:

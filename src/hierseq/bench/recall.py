@@ -42,7 +42,7 @@ from ..serialization import atomic_write
 from ..training import TrainConfig, train
 from ..training.metrics import read_metrics
 from ..training.tasks.mqar import EVAL_SEED
-from .report import markdown_table, parse_model_spec, pyplot, run_record, write_report
+from .report import code_digest, markdown_table, parse_model_spec, pyplot, run_record, write_report
 
 #: The file a finished sweep run leaves in its folder: {"settings", "row", "record"} (see _train_grid).
 RESULT_FILE = "result.json"
@@ -175,6 +175,9 @@ def train_mqar(
         progress=False,
     )
     result = train(cfg, log=print if verbose else None)
+    if result["stopped_reason"] == "interrupted":  # Ctrl-C: not a result, so nothing may record it as one
+        print(f"[recall] stopped during {spec} width={width} lr={lr:g} seed={seed}: run the same command to continue")
+        raise KeyboardInterrupt
     events = read_metrics(Path(out_dir) / "metrics.jsonl")
     losses = [e["lm_loss"] for e in events if e.get("lm_loss") is not None]  # one per step
     tail = losses[-max(1, len(losses) // 10) :]
@@ -251,6 +254,7 @@ def _run_settings(key: tuple[str, int, float, int], options: dict[str, Any]) -> 
     _, name, overrides = parse_model_spec(spec)
     sizing = _sizing(name, overrides, width, options["n_layers"], options["vocab_size"])
     settings = {"model": spec, "width": width, "lr": lr, "seed": seed, "model_config": sizing, **options}
+    settings.update(code=code_digest(), torch=torch.__version__)  # a model fixed since then is trained again
     return json.loads(json.dumps(settings))  # as a result.json would hold them (tuples as lists, ...)
 
 
@@ -265,8 +269,14 @@ def _saved_result(run_dir: Path, settings: dict[str, Any]) -> tuple[str, Any]:
         return "missing", None
     if saved_settings == settings:
         return "same", row
+    if all(saved_settings.get(k) == v for k, v in settings.items() if k not in PROVENANCE):
+        return "missing", None  # the same experiment on other code or torch: trained again, not refused
     changed = sorted(k for k in settings.keys() | saved_settings.keys() if settings.get(k) != saved_settings.get(k))
     return "other", ", ".join(f"{k}: {saved_settings.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+
+
+#: Settings that say which code ran a result rather than which experiment it is.
+PROVENANCE = ("code", "torch")
 
 
 def _say(line: str) -> None:
@@ -680,7 +690,9 @@ def _sweep_markdown(report: dict[str, Any]) -> str:
             p["width"],
             "" if p["peak_state_floats_per_layer"] is None else f"{p['peak_state_floats_per_layer']:,}",
             "yes" if p["state_grows_with_length"] else "",
-            f"{p['accuracy']:.3f} ± {p['accuracy_std']:.3f}",
+            f"{p['accuracy']:.3f} ± {p['accuracy_std']:.3f}"
+            if len(p["seed_accuracies"]) > 1
+            else f"{p['accuracy']:.3f}",
             ", ".join(f"{a:.3f}" for a in p["seed_accuracies"]),
             f"{p['best_lr']:g}",
             "yes" if p.get("on_frontier") else "",
@@ -704,7 +716,7 @@ def _sweep_plot(report: dict[str, Any], path: Path) -> None:
         ax.errorbar(
             [p["peak_state_floats_per_layer"] for p in points],
             [p["accuracy"] for p in points],
-            yerr=[p["accuracy_std"] for p in points],
+            yerr=[p["accuracy_std"] for p in points] if len(points[0]["seed_accuracies"]) > 1 else None,
             marker="o",
             markersize=4,
             capsize=3,

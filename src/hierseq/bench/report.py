@@ -4,6 +4,7 @@ machine facts next to them (numbers without their machine are not worth quoting)
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -30,9 +31,22 @@ def machine_facts() -> dict[str, Any]:
     }
 
 
+def code_digest() -> str:
+    """A digest of the package source that decides a run's numbers: every ``.py`` file of hierseq except the
+    benchmarks and the command line (editing a report must not invalidate the runs it reports)."""
+    root = Path(__file__).resolve().parents[1]  # the hierseq package
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith("bench/") or rel == "cli.py":
+            continue
+        digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
 def _git_commit() -> str | None:
     """The checkout's commit (``+dirty`` when tracked files differ from it), or None outside a git checkout."""
-    here = Path(__file__).resolve().parent
+    here = Path(__file__).resolve().parents[1]  # the hierseq package
 
     def git(*args: str) -> str:
         done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10)
@@ -42,7 +56,9 @@ def _git_commit() -> str | None:
         commit = git("rev-parse", "--short=12", "HEAD")
         if not commit:
             return None
-        return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+        # Untracked files count inside the package (a new mixer not yet added is code that ran).
+        changed = git("status", "--porcelain", "--untracked-files=no") or git("status", "--porcelain", "--", ".")
+        return commit + ("+dirty" if changed else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -57,26 +73,42 @@ def _command() -> str:
     return " ".join([prog, shlex.join(sys.argv[1:])]) if sys.argv[1:] else prog
 
 
+def _load() -> list[float]:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    return [round(v, 2) for v in load]
+
+
+# The load when a benchmark module first imported this one, i.e. about when the benchmark started.
+_LOAD_AT_START = _load()
+_STARTED = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def run_record() -> dict[str, Any]:
     """What a quoted number needs beside it: commit, exact command, thread count and the machine's load
-    averages (1, 5 and 15 minutes; the 5- and 15-minute figures cover most of a benchmark's run)."""
-    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    averages (1, 5 and 15 minutes) when the benchmark started (when its module was first imported in this
+    process) and when it finished. A long run's load in between is not sampled."""
     return {
         "commit": _git_commit(),
         "command": _command(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
-        "load_avg_1_5_15": [round(v, 2) for v in load],
+        "started": _STARTED,
+        "load_avg_1_5_15_at_start": _LOAD_AT_START,
+        "load_avg_1_5_15": _load(),
         "finished": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
 def record_line(record: dict[str, Any]) -> str:
     """One Markdown line naming a run's conditions (from :func:`run_record`)."""
-    load = "/".join(f"{v:.1f}" for v in record["load_avg_1_5_15"])
+
+    def load(key: str) -> str:
+        return "/".join(f"{v:.1f}" for v in record[key])
+
     return (
-        f"Recorded {record['finished']}: commit `{record['commit'] or 'unknown'}`, command `{record['command']}`, "
-        f"{record['threads']} threads on {record['cpus']} CPUs, load average {load} (1/5/15 min) at the end."
+        f"Recorded {record['started']} - {record['finished']}: commit `{record['commit'] or 'unknown'}`, command "
+        f"`{record['command']}`, {record['threads']} threads on {record['cpus']} CPUs, load average (1/5/15 min) "
+        f"{load('load_avg_1_5_15_at_start')} at the start, {load('load_avg_1_5_15')} at the end."
     )
 
 
