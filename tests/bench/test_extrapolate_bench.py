@@ -13,7 +13,13 @@ import torch.nn.functional as F
 
 import hierseq
 from hierseq.bench import lm
-from hierseq.bench.extrapolate import bucket_bpb, loss_by_position, position_buckets, run_extrapolate_bench
+from hierseq.bench.extrapolate import (
+    bucket_bpb,
+    loss_by_position,
+    loss_by_position_sliding,
+    position_buckets,
+    run_extrapolate_bench,
+)
 from hierseq.bench.lm import LMBenchSize
 
 TINY = LMBenchSize(
@@ -41,6 +47,25 @@ def test_loss_by_position_is_the_models_own_loss() -> None:
     assert whole == pytest.approx(float(expected.mean()) / math.log(2), rel=1e-5)
 
 
+def test_sliding_control_equals_a_plain_loop_over_positions() -> None:
+    """Position p is scored with the tokens of its piece before it: [0, p] for p < context, else the last
+    context / 2 .. context - 1 tokens, exactly as a loop over positions computing each loss alone."""
+    torch.manual_seed(0)
+    model = hierseq.build_model("transformer", d_model=32, n_layers=1, n_heads=2).eval()
+    context, windows = 8, torch.randint(0, 256, (2, 25))  # T = 24 = 8 + 4 * 4
+    fast = loss_by_position_sliding(model, windows, context, batch_size=3)
+    stride, expected = context // 2, torch.zeros(2, 24, dtype=torch.float64)
+    with torch.no_grad():
+        for p in range(24):
+            start = 0 if p < context else ((p - context) // stride + 1) * stride
+            logits = model(windows[:, start : p + 1]).logits[:, -1]
+            expected[:, p] = F.cross_entropy(logits, windows[:, p + 1], reduction="none").double()
+            assert (p - start) >= (0 if p < context else stride) and p - start < context
+    torch.testing.assert_close(fast, expected.mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="context"):
+        loss_by_position_sliding(model, windows[:, :23], context)
+
+
 def test_bench_extrapolate_writes_its_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(lm.SIZES, "quick", TINY)
     report = run_extrapolate_bench(
@@ -51,6 +76,8 @@ def test_bench_extrapolate_writes_its_report(tmp_path: Path, monkeypatch: pytest
     for row in report["rows"]:
         assert len(row["bucket_bpb"]) == 3 and all(math.isfinite(b) and b > 0 for b in row["bucket_bpb"])
         assert row["ratio_to_last_trained"][-1] == pytest.approx(row["bucket_bpb"][-1] / row["last_trained_bucket_bpb"])
+        assert row["full_minus_sliding"][0] == pytest.approx(0.0, abs=1e-5)  # the first piece is the window's start
+        assert len(row["sliding_bucket_bpb"]) == 3
     data = json.loads((tmp_path / "extrapolate.json").read_text())
     assert data["windows"] == 3 and data["record"]["threads"] >= 1
     table = (tmp_path / "extrapolate.md").read_text()

@@ -11,6 +11,12 @@ state as it evolves, tree / maha / loglinear with their levels. Nothing is resca
 that cannot use context beyond 256 shows it as a rising loss. The ratio of each bucket to the last trained
 bucket (``[128, 256)``) says whether more context helps (< 1), is ignored (about 1) or hurts (> 1).
 
+Position buckets mix two things: what context is worth, and how hard the text at those positions is (the
+same windows for every model). A control separates them: the same tokens read with a sliding context of
+128 - 256 tokens (pieces of 256 overlapping by half, :func:`loss_by_position_sliding`). Full-context minus
+sliding-context bits per byte is what the context beyond the training length is worth to each model:
+below 0 it helps, above 0 the model breaks on lengths it never saw.
+
 Bytes only: positions are tokens, and with bytes a token is a byte, so the curve's x axis is unambiguous.
 
 Run: ``hierseq bench extrapolate`` (trains for about 10 minutes on 2 cores, then scores in about a minute;
@@ -49,20 +55,45 @@ def position_buckets(train_len: int, eval_len: int) -> list[tuple[int, int]]:
 def loss_by_position(model: torch.nn.Module, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Mean next-token loss in nats at every position. windows: [N, T + 1] token ids -> [T].
 
-    One forward pass per batch of whole windows, in eval mode (the model's mode is restored)."""
+    One forward pass per batch of whole windows (:func:`loss_by_token`)."""
+    return torch.cat([loss_by_token(model, batch) for batch in windows.split(batch_size)]).mean(0)
+
+
+@torch.no_grad()
+def loss_by_position_sliding(
+    model: torch.nn.Module, windows: torch.Tensor, context: int, batch_size: int = 64
+) -> torch.Tensor:
+    """The same per-position loss with at most ``context`` tokens of context: a control for what the text
+    at each position costs, whatever the model does with a longer context. windows: [N, T + 1] -> [T].
+
+    Pieces of ``context`` tokens overlap by half (stride ``context // 2``); the first piece scores its
+    positions 0 .. context - 1, every later one only its second half, so every position is scored once with
+    between context / 2 and context tokens before it (the first piece: its own prefix). ``T`` must be
+    ``context`` plus a multiple of the stride. One forward pass per batch of ``batch_size`` pieces."""
+    n, t = windows.shape[0], windows.shape[1] - 1
+    stride = context // 2
+    if context < 2 or context % 2 or (t - context) % stride:
+        raise ValueError(f"context={context}: must be even and leave a multiple of {stride} after it in {t} tokens")
+    pieces = windows.unfold(1, context + 1, stride)  # [N, P, context + 1], P = (t - context) / stride + 1
+    flat = pieces.reshape(-1, context + 1)
+    losses = torch.cat([loss_by_token(model, part) for part in flat.split(batch_size)]).view(n, -1, context)
+    per_token = torch.cat([losses[:, 0], losses[:, 1:, stride:].reshape(n, -1)], dim=1)  # [N, T]
+    return per_token.mean(0)
+
+
+@torch.no_grad()
+def loss_by_token(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token loss in nats (float64, on the CPU) at every position, in eval mode (the model's mode is
+    restored). batch: [b, T + 1] token ids -> [b, T]."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    total = torch.zeros(windows.shape[1] - 1, dtype=torch.float64)
     try:
-        for batch in windows.split(batch_size):
-            batch = batch.to(device)
-            logits = model(batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none")  # [b, T]
-            total += loss.sum(0).double().cpu()
+        batch = batch.to(next(model.parameters()).device)
+        logits = model(batch[:, :-1]).logits
+        loss = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none")
     finally:
         model.train(was_training)
-    return total / windows.shape[0]
+    return loss.double().cpu()
 
 
 def bucket_bpb(per_position: torch.Tensor, buckets: Sequence[tuple[int, int]]) -> list[float]:
@@ -102,8 +133,12 @@ def run_extrapolate_bench(
     if size not in SIZES:
         raise config_error("size", size, f"must be one of {sorted(SIZES)}")
     train_len = SIZES[size].seq_len
-    if eval_len < 2 * train_len:
-        raise config_error("eval_len", eval_len, f"must be at least twice the training length {train_len}")
+    if eval_len < 2 * train_len or eval_len % (train_len // 2):
+        raise config_error(
+            "eval_len",
+            eval_len,
+            f"must be a multiple of {train_len // 2} and at least twice the training length {train_len}",
+        )
     for name, value in (("windows", n_windows), ("batch_size", batch_size)):
         if value < 1:
             raise config_error(name, value, "must be >= 1")
@@ -126,7 +161,12 @@ def run_extrapolate_bench(
         model = hierseq.load(Path(run["run_dir"]) / "final")
         per_position = loss_by_position(model, windows, batch_size)
         bpb = bucket_bpb(per_position, buckets)
+        per_position_sliding = loss_by_position_sliding(model, windows, train_len)
+        sliding = bucket_bpb(per_position_sliding, buckets)
         reference = float(per_position[train_len // 2 : train_len].mean()) / math.log(2)
+        beyond, beyond_sliding = (
+            float(x[train_len:].mean()) / math.log(2) for x in (per_position, per_position_sliding)
+        )
         rows.append(
             {
                 "model": run["model"],
@@ -134,6 +174,12 @@ def run_extrapolate_bench(
                 "stopped_reason": run["stopped_reason"],
                 "val_bpb_at_train_len": run["val_bpb"],
                 "bucket_bpb": bpb,
+                # the same tokens read with 128 - 256 tokens of context (the trained range): the text's own cost
+                "sliding_bucket_bpb": sliding,
+                "full_minus_sliding": [f - w for f, w in zip(bpb, sliding)],
+                "beyond_train_bpb": beyond,
+                "beyond_train_sliding_bpb": beyond_sliding,
+                "curve_minus_sliding": _log_curve(per_position - per_position_sliding),
                 "last_trained_bucket_bpb": reference,
                 "ratio_to_last_trained": [b / reference for b in bpb],
                 # log2 bins of positions, for the curve: [2^j - 1, 2^(j+1) - 1)
@@ -186,6 +232,25 @@ def _markdown(report: dict[str, Any]) -> str:
         ]
         for r in sorted(report["rows"], key=lambda r: r["bucket_bpb"][-1])
     ]
+    train_len, eval_len = report["train_len"], report["eval_len"]
+    beyond = _bucket_name(train_len, eval_len)
+    header_gap = [
+        "model",
+        *[_bucket_name(lo, hi) for lo, hi in buckets[1:]],
+        f"{beyond} full",
+        f"{beyond} sliding",
+        "gap",
+    ]
+    rows_gap = [
+        [
+            r["model"],
+            *[f"{g:+.3f}" for g in r["full_minus_sliding"][1:]],
+            f"{r['beyond_train_bpb']:.3f}",
+            f"{r['beyond_train_sliding_bpb']:.3f}",
+            f"**{r['beyond_train_bpb'] - r['beyond_train_sliding_bpb']:+.3f}**",
+        ]
+        for r in sorted(report["rows"], key=lambda r: r["beyond_train_bpb"] - r["beyond_train_sliding_bpb"])
+    ]
     spec = report["lm_spec"]
     return "\n".join(
         [
@@ -201,7 +266,15 @@ def _markdown(report: dict[str, Any]) -> str:
             "",
             markdown_table(header, rows),
             "",
-            "Curve by position: `extrapolate.png`.",
+            f"The text itself is harder in some buckets than others (the same windows for every model). The control "
+            f"reads the same tokens with a sliding context of {train_len // 2}-{train_len} tokens (the trained range; "
+            f"pieces of {train_len} overlapping by half). Full-context minus sliding-context bits per byte by bucket, "
+            f"and over all positions {beyond}: below 0 the model gains from context beyond its training length, "
+            "above 0 the longer context hurts it (sorted by the gap).",
+            "",
+            markdown_table(header_gap, rows_gap),
+            "",
+            "Curves by position (full context; full minus sliding): `extrapolate.png`.",
         ]
     )
 
@@ -210,16 +283,24 @@ def _plot(report: dict[str, Any], path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.8))
+    fig, (ax, gap) = plt.subplots(1, 2, figsize=(13, 4.8))
     for r in sorted(report["rows"], key=lambda r: r["model"]):
-        xs, ys = zip(*[(lo, bpb) for lo, bpb in r["curve"] if lo >= 16])  # first bins: too few tokens
-        ax.plot(xs, ys, marker="o", markersize=3, label=r["model"])
-    ax.axvline(report["train_len"], color="k", linestyle="--", linewidth=1, label="training length")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("position in the window (tokens = bytes)")
+        (line,) = ax.plot(
+            *zip(*[(lo, v) for lo, v in r["curve"] if lo >= 16]), marker="o", markersize=3, label=r["model"]
+        )
+        # from the training length on: before it the two readings are the same
+        diff = [(lo, v) for lo, v in r["curve_minus_sliding"] if lo >= report["train_len"]]
+        gap.plot(*zip(*diff), marker="o", markersize=3, color=line.get_color(), label=r["model"])
     ax.set_ylabel("validation bits per byte")
     ax.set_title(f"Trained at {report['train_len']}, scored at {report['eval_len']}")
-    ax.grid(True, which="both", alpha=0.3)
+    gap.axhline(0.0, color="k", linewidth=1)
+    gap.set_ylabel(f"full minus sliding-{report['train_len']} context (bits per byte)")
+    gap.set_title("What context beyond the training length is worth")
+    for a in (ax, gap):
+        a.axvline(report["train_len"], color="k", linestyle="--", linewidth=1)
+        a.set_xscale("log", base=2)
+        a.set_xlabel("position in the window (tokens = bytes)")
+        a.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
