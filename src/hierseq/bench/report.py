@@ -78,9 +78,11 @@ def _load() -> list[float]:
     return [round(v, 2) for v in load]
 
 
-# The load when a benchmark module first imported this one, i.e. about when the benchmark started.
+# The load and the checkout's commit when a benchmark module first imported this one, i.e. about when the
+# benchmark started: the code that ran is the commit at the start (HEAD may move during a long run).
 _LOAD_AT_START = _load()
 _STARTED = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+_COMMIT_AT_START = _git_commit()
 
 
 def run_record() -> dict[str, Any]:
@@ -88,7 +90,8 @@ def run_record() -> dict[str, Any]:
     averages (1, 5 and 15 minutes) when the benchmark started (when its module was first imported in this
     process) and when it finished. A long run's load in between is not sampled."""
     return {
-        "commit": _git_commit(),
+        "commit": _COMMIT_AT_START,
+        "commit_at_end": _git_commit(),
         "command": _command(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
@@ -106,7 +109,13 @@ def record_line(record: dict[str, Any]) -> str:
         return "/".join(f"{v:.1f}" for v in record[key])
 
     return (
-        f"Recorded {record['started']} - {record['finished']}: commit `{record['commit'] or 'unknown'}`, command "
+        f"Recorded {record['started']} - {record['finished']}: commit `{record['commit'] or 'unknown'}`"
+        + (
+            f" (HEAD at the end: `{record['commit_at_end']}`)"
+            if record.get("commit_at_end", record["commit"]) != record["commit"]
+            else ""
+        )
+        + ", command "
         f"`{record['command']}`, {record['threads']} threads on {record['cpus']} CPUs, load average (1/5/15 min) "
         f"{load('load_avg_1_5_15_at_start')} at the start, {load('load_avg_1_5_15')} at the end."
     )
