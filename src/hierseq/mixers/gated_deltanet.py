@@ -14,8 +14,12 @@ dk x dv floats per head recalls far better than the additive state of linear att
 size; the decay lets it forget. Training runs the chunked WY/UT form (matrix multiplies inside chunks, a
 pairwise scan over chunks, a hand-written memory-lean backward); decoding is the O(1) recurrent step.
 
-Initialisation: A uniform in [1, 16] and dt log-uniform in [1e-3, 1e-1] as in Mamba-2 (so the initial
-decays span half-lives of a few to a few hundred tokens); the norm weight is 1. State: conv window plus
+Initialisation: dt log-uniform in [1e-3, 1e-1] as in Mamba-2, but A uniform in [1, 2] rather than
+Mamba-2's [1, 16] (``a_min`` / ``a_max``), so the initial half-lives ln 2 / (A dt) spread evenly in log
+scale from about 3 to about 700 tokens instead of crowding below 50. With few heads (2 per layer at
+width 64) the [1, 16] draw often leaves no head that remembers a whole MQAR sequence at the start, and
+recall then waits for the decays to be learned: at L=64, K=4, width 64, 1000 steps, lr 3e-3, A in
+[1, 16] reached 0.035 / 0.227 (seeds 0, 1) and A in [1, 2] 0.967 / 0.474. The norm weight is 1. State: conv window plus
 the memory [B, H, dk, dv] (:class:`~hierseq.modules.state.RecurrentState`), constant in the length.
 """
 
@@ -27,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice, check_divisible
+from ..config import check_choice, check_divisible, config_error
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import GatedRMSNorm
 from ..modules.state import RecurrentState
@@ -42,21 +46,27 @@ class GatedDeltaNetMixerConfig(MixerConfig):
     """n_heads: heads (value width d_model / n_heads each). key_dim: query/key size per head (0 = head
     width). conv_kernel: short causal conv on q/k/v (1 = none across time). chunk_size: tokens per chunk
     of the parallel path (speed only, not the result). kernel: "chunked" (the training path) or
-    "reference" (the loop over tokens it equals: for checking, not training)."""
+    "reference" (the loop over tokens it equals: for checking, not training). a_min / a_max: the range
+    the decay rate A is drawn from at initialisation (see the module docstring)."""
 
     n_heads: int = 4
     key_dim: int = 0
     conv_kernel: int = 4
     chunk_size: int = 64
     kernel: str = "chunked"
+    a_min: float = 1.0
+    a_max: float = 2.0
 
     positive_ints = ("n_heads", "conv_kernel", "chunk_size")
     nonneg_ints = ("key_dim",)
+    positive_floats = ("a_min", "a_max")
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
         check_divisible("d_model", d_model, "n_heads", self.n_heads)
         check_choice("kernel", self.kernel, KERNELS)
+        if self.a_min > self.a_max:
+            raise config_error("a_min", self.a_min, f"must be <= a_max={self.a_max!r}")
 
 
 @register_mixer("gated_deltanet", config=GatedDeltaNetMixerConfig)
@@ -81,7 +91,7 @@ class GatedDeltaNet(Mixer):
 
     def reset_special_parameters(self) -> None:
         """A and dt as in Mamba-2 (the shell's generic init would zero them)."""
-        init_decay_rates(self.A_log, self.dt_bias)
+        init_decay_rates(self.A_log, self.dt_bias, (self.cfg.a_min, self.cfg.a_max))
 
     def state_size(self, seq_len: int) -> int:
         """H * dk * dv plus the conv window, whatever the length."""
