@@ -373,16 +373,11 @@ def cmd_bench_speed(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_lm(args: argparse.Namespace) -> int:
-    import torch
-
     from hierseq.bench.lm import run_lm_bench
-    from hierseq.config import config_error
+    from hierseq.bench.report import set_threads
 
     size = "full" if args.full else "standard" if args.standard else "quick"
-    if args.threads is not None:
-        if args.threads < 1:
-            raise config_error("threads", args.threads, "must be >= 1")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     run_lm_bench(
         # Each tier its own folder: their runs differ, and each tier reuses its own finished runs.
         out_dir=args.out or ("runs/bench/lm" if size == "quick" else f"runs/bench/lm_{size}"),

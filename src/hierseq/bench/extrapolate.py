@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from ..config import config_error
-from .report import check_model_specs, markdown_table, pyplot, write_report
+from ..training.tasks.base import model_device
+from .report import check_model_specs, markdown_table, pyplot, set_threads, write_report
 
 # Every model gets the tier's steps: a cap far above any model's training time on a quiet machine, so a
 # loaded machine changes the wall time, not the curves.
@@ -88,7 +89,7 @@ def loss_by_token(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
     was_training = model.training
     model.eval()
     try:
-        batch = batch.to(next(model.parameters()).device)
+        batch = batch.to(model_device(model))
         logits = model(batch[:, :-1]).logits
         loss = F.cross_entropy(logits.transpose(1, 2).float(), batch[:, 1:], reduction="none")
     finally:
@@ -142,10 +143,7 @@ def run_extrapolate_bench(
     for name, value in (("windows", n_windows), ("batch_size", batch_size)):
         if value < 1:
             raise config_error(name, value, "must be >= 1")
-    if threads is not None:
-        if threads < 1:
-            raise config_error("threads", threads, "must be >= 1")
-        torch.set_num_threads(threads)
+    set_threads(threads)
     if data is not None:
         check_data(data)
     check_model_specs(list(models) if models else hierseq.list_models(kind="causal_lm"), "causal_lm")
@@ -182,7 +180,7 @@ def run_extrapolate_bench(
                 "curve_minus_sliding": _log_curve(per_position - per_position_sliding),
                 "last_trained_bucket_bpb": reference,
                 "ratio_to_last_trained": [b / reference for b in bpb],
-                # log2 bins of positions, for the curve: [2^j - 1, 2^(j+1) - 1)
+                # bins [2^j, 2^(j+1)) of positions, for the curve (:func:`_log_curve`)
                 "curve": _log_curve(per_position),
             }
         )

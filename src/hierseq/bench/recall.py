@@ -42,7 +42,7 @@ from ..serialization import atomic_write
 from ..training import TrainConfig, train
 from ..training.metrics import read_metrics
 from ..training.tasks.mqar import EVAL_SEED
-from .report import code_digest, markdown_table, parse_model_spec, pyplot, run_record, write_report
+from .report import code_digest, markdown_table, parse_model_spec, pyplot, run_record, set_threads, write_report
 
 #: The file a finished sweep run leaves in its folder: {"settings", "row", "record"} (see _train_grid).
 RESULT_FILE = "result.json"
@@ -210,7 +210,6 @@ def _check_options(
     steps: int,
     batch_size: int,
     stop_at: float,
-    threads: int | None,
     eval_examples: int,
 ) -> None:
     """Refuse a bad benchmark option (:func:`config_error`: argument, value, rule) before any run starts."""
@@ -234,8 +233,6 @@ def _check_options(
         raise config_error("batch_size", batch_size, "must be >= 1")
     if not 0.0 < stop_at <= 1.0:
         raise config_error("stop_at", stop_at, "must be in (0, 1]")
-    if threads is not None and threads < 1:
-        raise config_error("threads", threads, "must be >= 1")
     if eval_examples < 1:
         raise config_error("eval_examples", eval_examples, "must be >= 1")
 
@@ -423,9 +420,8 @@ def run_recall_bench(
     """Train every model spec x width x lr x seed on MQAR, write ``recall.json`` / ``recall.md`` under
     ``out_dir``, print the table, and return the report (``rows``: every run; ``summary``: best lr per
     model and width, mean accuracy over seeds)."""
-    _check_options(models, widths, lrs, seeds, steps, batch_size, stop_at, threads, eval_examples)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    _check_options(models, widths, lrs, seeds, steps, batch_size, stop_at, eval_examples)
+    set_threads(threads)
     eval_batch, eval_batches = eval_sizes(eval_examples)
     options = _options(seq_len, n_pairs, vocab_size, steps, batch_size, n_layers, stop_at, eval_examples)
     plan = [(spec, width, lr, seed) for spec in models for width in widths for lr in lrs for seed in seeds]
@@ -606,12 +602,11 @@ def run_recall_sweep(
     import hierseq
 
     specs = list(hierseq.list_models(kind="causal_lm") if models is None else models)
-    _check_options(specs, widths, lrs, seeds, steps, batch_size, stop_at, threads, eval_examples)
+    _check_options(specs, widths, lrs, seeds, steps, batch_size, stop_at, eval_examples)
     for name, values in (("models", specs), ("widths", widths), ("lrs", lrs), ("seeds", seeds)):
         if len(set(values)) < len(values):  # a repeated run would be trained once and counted twice
             raise config_error(name, list(values), "must not repeat a value")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     options = _options(seq_len, n_pairs, vocab_size, steps, batch_size, n_layers, stop_at, eval_examples)
     options.update(weight_decay=WEIGHT_DECAY, warmup_frac=WARMUP_FRAC)  # recorded, so a change is noticed
     refused = _refused_widths(specs, widths, n_layers, vocab_size)

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from .report import markdown_table, plot_scaling, pyplot, write_report
+from .report import markdown_table, plot_scaling, pyplot, set_threads, write_report
 
 QUICK = {
     "d_model": 64,
@@ -313,8 +313,7 @@ def run_recon_bench(
     bad = [t for t in tasks if t not in ("bytes", "signal")]
     if bad or not tasks:
         raise ValueError(f"tasks={list(tasks)}: choose from ['bytes', 'signal']")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     t0 = time.perf_counter()
     configs = model_configs(settings["d_model"], settings["n_heads"], settings["mask_ratio"])
     unknown = sorted(set(variants or ()) - set(configs))

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..config import config_error
 from ..serialization import atomic_write
 
 
@@ -119,6 +120,15 @@ def record_line(record: dict[str, Any]) -> str:
         f"`{record['command']}`, {record['threads']} threads on {record['cpus']} CPUs, load average (1/5/15 min) "
         f"{load('load_avg_1_5_15_at_start')} at the start, {load('load_avg_1_5_15')} at the end."
     )
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU thread count for a benchmark (None: leave torch's); refuses < 1 with a config error."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise config_error("threads", threads, "must be >= 1")
+    torch.set_num_threads(threads)
 
 
 def markdown_table(header: list[str], rows: list[list[Any]]) -> str:

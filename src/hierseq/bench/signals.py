@@ -55,7 +55,7 @@ from ..training.tasks.regression import (
     prediction_mse,
     prepare_regression,
 )
-from .report import machine_facts, markdown_table, pyplot, write_report
+from .report import machine_facts, markdown_table, pyplot, set_threads, write_report
 
 #: model label -> (registry name, fixed overrides); d_model is chosen to match the parameter budget.
 MODEL_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -512,8 +512,7 @@ def select_runs(
             raise ValueError(f"models={m!r}: must be among {list(known_models)}")
     if not seeds:
         raise ValueError("seeds=[]: need at least one seed")
-    if threads is not None:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     return task_list, model_list
 
 

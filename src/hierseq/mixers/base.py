@@ -30,7 +30,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..config import check_bool, check_nonneg_int, check_positive_float, check_positive_int, check_probability
+from ..config import (
+    check_bool,
+    check_nonneg_int,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    config_error,
+)
 
 __all__ = [
     "MIXERS",
@@ -48,13 +55,15 @@ class MixerConfig:
     """Base of every mixer's options. ``check(d_model)`` validates them (ValueError: field, value, rule).
 
     The simple rules are data: fields named in ``positive_ints``, ``nonneg_ints``, ``positive_floats``,
-    ``probabilities`` or ``flags`` are checked here; a subclass's ``check`` adds the rest."""
+    ``probabilities`` or ``flags``, and the (low, high) field pairs of ``ordered`` (low <= high), are
+    checked here; a subclass's ``check`` adds the rest."""
 
     positive_ints: ClassVar[tuple[str, ...]] = ()
     nonneg_ints: ClassVar[tuple[str, ...]] = ()
     positive_floats: ClassVar[tuple[str, ...]] = ()
     probabilities: ClassVar[tuple[str, ...]] = ()
     flags: ClassVar[tuple[str, ...]] = ()
+    ordered: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def check(self, d_model: int) -> None:
         """Raise ValueError when a field is invalid for this width."""
@@ -68,6 +77,9 @@ class MixerConfig:
         for names, rule in rules:
             for name in names:
                 rule(name, getattr(self, name))
+        for low, high in self.ordered:
+            if getattr(self, low) > getattr(self, high):
+                raise config_error(low, getattr(self, low), f"must be <= {high}={getattr(self, high)!r}")
 
 
 class Mixer(nn.Module):

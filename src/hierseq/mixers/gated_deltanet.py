@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice, check_divisible, config_error
+from ..config import check_choice, check_divisible
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.norms import GatedRMSNorm
 from ..modules.state import RecurrentState
@@ -59,13 +59,12 @@ class GatedDeltaNetMixerConfig(MixerConfig):
     positive_ints = ("n_heads", "conv_kernel", "chunk_size")
     nonneg_ints = ("key_dim",)
     positive_floats = ("a_min", "a_max")
+    ordered = (("a_min", "a_max"),)
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
         check_divisible("d_model", d_model, "n_heads", self.n_heads)
         check_choice("kernel", self.kernel, KERNELS)
-        if self.a_min > self.a_max:
-            raise config_error("a_min", self.a_min, f"must be <= a_max={self.a_max!r}")
 
 
 @register_mixer("gated_deltanet", config=GatedDeltaNetMixerConfig)

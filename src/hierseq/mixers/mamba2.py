@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import check_choice, check_divisible, config_error
+from ..config import check_choice, check_divisible
 from ..modules.causal_conv import CausalDepthwiseConv1d
 from ..modules.state import LayerState
 from ..ops.ssd import ssd_chunked, ssd_reference, ssd_step
@@ -79,13 +79,10 @@ class Mamba2MixerConfig(MixerConfig):
 
     positive_ints = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
     positive_floats = ("dt_min", "dt_max", "dt_init_floor", "a_min", "a_max")
+    ordered = (("dt_min", "dt_max"), ("a_min", "a_max"))
 
     def check(self, d_model: int) -> None:
         super().check(d_model)
-        if self.dt_min > self.dt_max:
-            raise config_error("dt_min", self.dt_min, f"must be <= dt_max={self.dt_max!r}")
-        if self.a_min > self.a_max:
-            raise config_error("a_min", self.a_min, f"must be <= a_max={self.a_max!r}")
         check_divisible("d_inner", self.expand * d_model, "headdim", self.headdim)
         check_divisible("n_heads", self.expand * d_model // self.headdim, "ngroups", self.ngroups)
         check_choice("kernel", self.kernel, KERNELS)
